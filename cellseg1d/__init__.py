@@ -1,0 +1,7 @@
+"""cellseg1d: segment cells in OME-Zarr images while the microscope is still acquiring."""
+
+__version__ = "0.1.0"
+
+#: Bumped whenever a change alters the labels the pipeline writes for the same
+#: input; part of every run key, so a new pipeline version reprocesses images.
+PIPELINE_VERSION = "1"

@@ -1,0 +1,36 @@
+"""Exceptions a user can cause, each with a message that says what to do."""
+
+from __future__ import annotations
+
+
+class CellsegError(Exception):
+    """Base class of every error cellseg1d reports to a user."""
+
+
+class ConfigError(CellsegError):
+    """The configuration file or a command-line option is invalid."""
+
+
+class ImageError(CellsegError):
+    """An input image cannot be processed as it is (permanent: retrying will not help)."""
+
+
+class NotReadyError(CellsegError):
+    """An image is still being written; try again later."""
+
+
+class CatalogError(CellsegError):
+    """The catalog database cannot be opened or migrated."""
+
+
+class PluginError(CellsegError):
+    """A plugin raised or returned something invalid; the message names the plugin."""
+
+    def __init__(self, plugin: str, hook: str, message: str) -> None:
+        self.plugin = plugin
+        self.hook = hook
+        super().__init__(f"plugin '{plugin}' failed in hook '{hook}': {message}")
+
+
+class JobAborted(CellsegError):
+    """The daemon is shutting down and released the job unfinished."""
