@@ -1,0 +1,1 @@
+"""Built-in plugins: ordinary implementations of the cellseg1d hooks."""

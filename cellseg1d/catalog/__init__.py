@@ -1,0 +1,6 @@
+"""The catalog: every image, job and result, in SQLite or PostgreSQL."""
+
+from cellseg1d.catalog.db import Catalog
+from cellseg1d.catalog.models import Image, ImageStatus, Job, JobState, Result, utcnow
+
+__all__ = ["Catalog", "Image", "ImageStatus", "Job", "JobState", "Result", "utcnow"]

@@ -1,0 +1,236 @@
+"""Typed daemon configuration: a TOML file plus environment overrides, validated up front.
+
+Every setting has a default except the watched folders. Errors name the file and
+the setting (``watch.roots[0].path``) and say what is wrong, so a service that
+will not start tells its operator why.
+
+Environment overrides use ``CELLSEG1D_<SECTION>__<KEY>`` (double underscore
+between levels), e.g. ``CELLSEG1D_CATALOG__URL=postgresql+psycopg://...`` or
+``CELLSEG1D_READINESS__SETTLE_SECONDS=5``; values are parsed as TOML scalars
+when they can be (numbers, booleans), else taken as strings.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cellseg1d.errors import ConfigError
+
+ENV_PREFIX = "CELLSEG1D_"
+DEFAULT_STATE_DIR = Path("/var/lib/cellseg1d")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class WatchRoot(_Section):
+    """One acquisition folder to watch (recursively)."""
+
+    path: Path
+    #: "in_place": labels go inside each image (``<image>/labels/<name>``).
+    #: "mirror": the acquisition folder is treated as read-only and labels go to
+    #: ``<mirror_root>/<image path under the root>/labels/<name>``.
+    output: Literal["in_place", "mirror"] = "in_place"
+    mirror_root: Path | None = None
+
+    @model_validator(mode="after")
+    def _check_mirror(self) -> WatchRoot:
+        if self.output == "mirror" and self.mirror_root is None:
+            raise ValueError("output = 'mirror' needs mirror_root = '<folder for the labels>'")
+        if self.mirror_root is not None:
+            root, mirror = self.path.resolve(), self.mirror_root.resolve()
+            if mirror == root or root in mirror.parents:
+                raise ValueError(
+                    f"mirror_root {self.mirror_root} lies inside the watched folder {self.path}; "
+                    "choose a folder outside it"
+                )
+        return self
+
+
+class WatchSettings(_Section):
+    roots: list[WatchRoot] = Field(default_factory=list)
+    #: Use stat polling instead of inotify (network shares: SMB/NFS send no events).
+    polling: bool = False
+    poll_interval_seconds: float = Field(5.0, gt=0)
+    #: Full rescan of every root: catches images that arrived while the daemon was
+    #: down and anything the event stream missed.
+    rescan_seconds: float = Field(60.0, gt=0)
+    #: Folder-name endings that mark an OME-Zarr container (case-insensitive).
+    container_suffixes: list[str] = Field(default_factory=lambda: [".zarr"])
+
+
+class ReadinessSettings(_Section):
+    #: An image is ready only when nothing in its folder changed for this long.
+    settle_seconds: float = Field(10.0, ge=0)
+    #: Wait for a completion marker (attribute or sentinel file) before processing.
+    require_marker: bool = False
+    #: Group attributes that mark an acquisition as finished when present and truthy
+    #: (on the image group or any group above it in the container).
+    marker_attributes: list[str] = Field(
+        default_factory=lambda: ["acquisition_complete", "finalized_at"]
+    )
+    #: File names whose presence in the image folder or container marks it finished.
+    sentinel_files: list[str] = Field(default_factory=lambda: ["acquisition_complete", ".complete"])
+    #: Accept arrays with chunks missing from storage (zarr skips chunks that equal
+    #: the fill value; some writers pad mosaics that way). Off: a missing chunk
+    #: after the settle time means a truncated image and fails it.
+    allow_missing_chunks: bool = False
+
+
+class SegmentationSettings(_Section):
+    #: Channels to segment, by name (omero label) or 0-based index; several are
+    #: passed to the segmenter together. Empty: channel 0.
+    channels: list[str | int] = Field(default_factory=list)
+    #: Name of the label image written under ``labels/``.
+    labels_name: str = "cellseg1d"
+
+    @field_validator("labels_name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        from cellseg1d.ngff.names import check_output_name
+
+        return check_output_name(value)
+
+
+class ClassicalSettings(_Section):
+    """Parameters of the built-in classical segmenter (used when no SAM model is set)."""
+
+    sigma: float = Field(1.5, ge=0)
+    min_distance: int = Field(5, ge=1)
+    min_size: int = Field(20, ge=0)
+    threshold: Literal["otsu", "li"] = "otsu"
+
+
+class CatalogSettings(_Section):
+    #: SQLAlchemy URL; empty: a SQLite file ``catalog.sqlite`` in the state dir.
+    url: str | None = None
+
+
+class JobSettings(_Section):
+    workers: int = Field(1, ge=1, le=64)
+    max_attempts: int = Field(3, ge=1)
+    lease_seconds: float = Field(300.0, gt=5)
+    retry_backoff_seconds: float = Field(30.0, ge=0)
+
+
+class PluginSettings(_Section):
+    #: Installed entry-point plugins (group ``cellseg1d``) to load, by name. Only
+    #: listed ones are imported: installing a package never runs its code.
+    enable: list[str] = Field(default_factory=list)
+    #: Built-in plugins to switch off, e.g. ``["classical"]``.
+    disable: list[str] = Field(default_factory=list)
+
+
+class Config(_Section):
+    """The whole daemon configuration."""
+
+    state_dir: Path = DEFAULT_STATE_DIR
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    watch: WatchSettings = Field(default_factory=WatchSettings)
+    readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)
+    segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
+    classical: ClassicalSettings = Field(default_factory=ClassicalSettings)
+    catalog: CatalogSettings = Field(default_factory=CatalogSettings)
+    jobs: JobSettings = Field(default_factory=JobSettings)
+    plugins: PluginSettings = Field(default_factory=PluginSettings)
+    #: Settings for third-party plugins, one table per plugin name; passed as-is.
+    plugin_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @property
+    def catalog_url(self) -> str:
+        """The catalog URL, defaulting to a SQLite file in the state directory."""
+        return self.catalog.url or f"sqlite:///{self.state_dir / 'catalog.sqlite'}"
+
+    def check_runnable(self) -> None:
+        """Checks that only matter when the daemon starts (not for ``status``)."""
+        if not self.watch.roots:
+            raise ConfigError(
+                "no folder to watch: add a [[watch.roots]] table with path = '...' "
+                "to the config file, or pass --watch DIR"
+            )
+        for i, root in enumerate(self.watch.roots):
+            if not root.path.is_dir():
+                raise ConfigError(
+                    f"setting watch.roots[{i}].path: {root.path} is not an existing folder; "
+                    "create it or correct the path"
+                )
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for item in err.errors():
+        loc = ""
+        for part in item["loc"]:
+            loc += f"[{part}]" if isinstance(part, int) else (f".{part}" if loc else str(part))
+        msg = item["msg"]
+        if item["type"] == "extra_forbidden":
+            msg = "unknown setting (check its spelling and section)"
+        lines.append(f"  setting {loc or '<top>'}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_env_value(raw: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_env_overrides(data: dict[str, Any], environ: dict[str, str] | None = None) -> dict[str, Any]:
+    """Merge ``CELLSEG1D_SECTION__KEY=value`` variables into a config dict."""
+    environ = dict(os.environ if environ is None else environ)
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
+        if not keys:
+            continue
+        target = data
+        for key in keys[:-1]:
+            target = target.setdefault(key, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"environment variable {name}: '{key}' is not a section")
+        target[keys[-1]] = _parse_env_value(raw)
+    return data
+
+
+def build_config(data: dict[str, Any], source: str = "command line") -> Config:
+    """Validate a config dict, raising :class:`ConfigError` that names each bad setting."""
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+
+
+def load_config(
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Config:
+    """Read a TOML config file (optional), apply environment and explicit overrides, validate."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except PermissionError:
+            raise ConfigError(f"config file {path} is not readable by this user") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid TOML: {err}") from None
+    apply_env_overrides(data, environ)
+    for dotted, value in (overrides or {}).items():
+        target = data
+        *parents, last = dotted.split(".")
+        for key in parents:
+            target = target.setdefault(key, {})
+        target[last] = value
+    return build_config(data, source)

@@ -1,0 +1,147 @@
+"""The plugin contract of cellseg1d: every hook a plugin can implement.
+
+Plugins are plain modules or objects with functions marked ``@hookimpl``::
+
+    from cellseg1d.hookspecs import hookimpl
+
+    @hookimpl
+    def export(image, labels, context):
+        ...
+
+and are installed as entry points in the ``cellseg1d`` group::
+
+    [project.entry-points.cellseg1d]
+    measurements = "cellseg1d_measurements"
+
+An installed plugin is loaded only when the config names it in
+``plugins.enable``. The built-in plugins (``readiness``, ``classical``) use
+the same hooks and can be switched off with ``plugins.disable``.
+
+A hook implementation may declare only the arguments it needs. An exception
+raised by a plugin fails that image's job with the plugin named in the error;
+the daemon carries on with the next image. Hooks run in the daemon's worker
+threads: do not keep per-image state in module globals.
+
+Data types passed to hooks are defined in :mod:`cellseg1d.types`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from cellseg1d.types import ExportContext, LabelsView, ReadinessQuery, SegmentRequest, Segmentation
+
+PROJECT = "cellseg1d"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# ---------------------------------------------------------------------------
+# Readiness: is an image completely written?
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def image_ready(query: ReadinessQuery) -> bool | None:
+    """Decide whether an image that has been quiet for the settle time is complete.
+
+    Called after nothing in the image's folder changed for
+    ``readiness.settle_seconds`` and its OME metadata parsed and its arrays
+    opened. ``query.image`` is the opened :class:`~cellseg1d.ngff.OmeImage`.
+
+    Return True (process it now), False (not yet: asked again after new
+    activity or after the settle time) or None (no opinion). Stops at the
+    first non-None result; when every plugin returns None the image is ready.
+    The built-in ``readiness`` plugin (``trylast``) answers from the
+    configured completion markers. Instrument plugins answer from their own
+    flags, e.g. a vendor attribute written when acquisition ends.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Routing: which experiment does an image belong to?
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def resolve_experiment(image: Any, root: Any) -> str | None:
+    """Name the experiment an image belongs to, or None to let other plugins decide.
+
+    ``image`` is the opened :class:`~cellseg1d.ngff.OmeImage`, ``root`` the
+    :class:`~cellseg1d.config.WatchRoot` it was found under. Stops at the
+    first non-None result. When no plugin answers, the experiment is
+    ``"default"``. The experiment is passed on to ``segment`` and ``export``.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Segmentation
+# ---------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def segment(plane: np.ndarray, request: SegmentRequest) -> Segmentation | None:
+    """Segment one 2-D plane into an instance label image.
+
+    ``plane`` is a ``(C, Y, X)`` array of the stored dtype holding the
+    channels selected by ``segmentation.channels`` (C >= 1). ``request``
+    says which image, plane (t, z), experiment and pixel size.
+
+    Return a :class:`~cellseg1d.types.Segmentation` whose ``labels`` is a
+    ``(Y, X)`` integer array (0 background, objects 1..N) and whose
+    ``segmenter`` names what produced it, or None to let the next plugin
+    answer. Stops at the first non-None result. The built-in ``classical``
+    segmenter is ``trylast``: any other segmenter that answers wins.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def export(image: Any, labels: LabelsView, context: ExportContext) -> dict[str, Any] | None:
+    """Write an extra output for a segmented image (measurements table, thumbnail, ...).
+
+    Every implementation runs, after all planes are segmented and before the
+    label image is published. ``labels`` reads the finished label planes;
+    ``context`` gives the experiment, the output folder for this image and
+    ``context.atomic_path(name)`` for writing files safely (write to the path
+    it returns, the file appears under its final name only if the job
+    succeeds).
+
+    Return a small JSON-able dict describing what was written, by convention
+    with a ``"kind"`` key naming the export (stored in the catalog's result
+    row), or None. An exception fails
+    the job; nothing of this run is published.
+    """
+
+
+# ---------------------------------------------------------------------------
+# Notifications (return values are ignored)
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def image_done(image_path: str, result: dict[str, Any]) -> None:
+    """An image was processed and its result committed to the catalog.
+
+    ``result`` holds ``labels_path``, ``object_count``, ``segmenter``,
+    ``seconds`` and the export records. Use it to notify (chat, LIMS, ...).
+    Exceptions here are logged and otherwise ignored.
+    """
+
+
+@hookspec
+def image_failed(image_path: str, error: str, plugin: str | None, will_retry: bool) -> None:
+    """Processing an image failed; ``plugin`` names the plugin at fault, if any.
+
+    ``will_retry`` is True when the job was requeued for another attempt.
+    Exceptions here are logged and otherwise ignored.
+    """

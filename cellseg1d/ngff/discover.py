@@ -1,0 +1,108 @@
+"""Find OME-Zarr containers under a watched folder and the images inside each.
+
+A *container* is the top-most folder under a watched root whose name ends with
+a configured suffix (``.zarr`` by default). Inside it, every zarr group with
+``multiscales`` metadata is an *image*: a plain image is the container itself;
+an HCS plate has one per field (``A/1/0``); a bioformats2raw layout has one per
+series. ``labels`` groups are outputs, never inputs. Symbolic links are never
+followed, so nothing outside a watched root is read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from cellseg1d.errors import ImageError
+from cellseg1d.ngff.reader import ome_attributes, read_group_attributes
+
+#: How deep below a container images are looked for (plate/row/column/field).
+MAX_IMAGE_DEPTH = 4
+OUTPUT_DIR_NAMES = frozenset({"labels"})
+
+
+def is_container_name(name: str, suffixes: Sequence[str]) -> bool:
+    lower = name.lower()
+    return any(lower.endswith(s.lower()) for s in suffixes)
+
+
+def container_of(path: Path, root: Path, suffixes: Sequence[str]) -> Path | None:
+    """The container that ``path`` (a file or folder under ``root``) belongs to, if any."""
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return None
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if is_container_name(part, suffixes):
+            return current
+    return None
+
+
+def find_containers(root: Path, suffixes: Sequence[str]) -> Iterator[Path]:
+    """Every container under ``root``; does not descend into containers or follow links."""
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # vanished or unreadable folder: nothing to find there now
+        for entry in entries:
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            if is_container_name(entry.name, suffixes):
+                yield Path(entry.path)
+            elif not entry.name.startswith("."):
+                stack.append(Path(entry.path))
+
+
+def is_output_path(path: Path, container: Path) -> bool:
+    """Whether ``path`` lies in a labels group or staging folder (cellseg1d's own outputs)."""
+    try:
+        parts = path.relative_to(container).parts
+    except ValueError:
+        return False
+    return any(p in OUTPUT_DIR_NAMES for p in parts)
+
+
+def has_group_metadata(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ("zarr.json", ".zattrs", ".zgroup"))
+
+
+def list_images(container: Path) -> list[Path]:
+    """Image groups inside ``container`` (the container itself for a plain image).
+
+    Raises ImageError when the container's own metadata cannot be read: the
+    caller decides whether that means "still being written" or "bad".
+    """
+    images: list[Path] = []
+    _, attrs = read_group_attributes(container)
+    _collect(container, attrs, 0, images)
+    return images
+
+
+def _collect(folder: Path, attrs: dict, depth: int, images: list[Path]) -> None:
+    if "multiscales" in ome_attributes(attrs):
+        images.append(folder)
+        return
+    if depth >= MAX_IMAGE_DEPTH:
+        return
+    try:
+        children = sorted(
+            Path(e.path)
+            for e in os.scandir(folder)
+            if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in OUTPUT_DIR_NAMES
+        )
+    except OSError:
+        return
+    for child in children:
+        if not has_group_metadata(child):
+            continue
+        try:
+            _, child_attrs = read_group_attributes(child)
+        except ImageError:
+            continue  # a sub-group still being written; found on a later look
+        _collect(child, child_attrs, depth + 1, images)

@@ -1,0 +1,270 @@
+"""Write OME-NGFF label images: staged under a temporary name, published by rename.
+
+Layout written (NGFF 0.4 on zarr v2 or 0.5 on zarr v3, matching the source image)::
+
+    <base>/labels/                 group; attributes list the label images ("labels": [...])
+    <base>/labels/<name>/          multiscale label image, "image-label" metadata
+    <base>/labels/<name>/<level>/  one uint32 array per resolution level of the source image
+
+``<base>`` is the image itself (in-place output) or its mirror folder. Label
+axes are the image's axes without ``c``. While a job runs, the label image
+lives at ``labels/.<name>.partial-<id>``; :meth:`StagedLabels.publish` renames
+it into place, so readers see either the previous complete label image or the
+new complete one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cellseg1d.errors import ImageError
+from cellseg1d.ngff.names import check_output_name
+from cellseg1d.ngff.reader import OmeImage, ome_attributes, read_group_attributes
+
+LABEL_DTYPE = np.dtype("uint32")
+#: Label images with more objects than this get no per-label colour table.
+MAX_COLORS = 10_000
+PROVENANCE_KEY = "cellseg1d"
+
+
+def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(doc, indent=2))
+    os.replace(tmp, path)
+
+
+def label_colors(n_labels: int) -> list[dict[str, Any]]:
+    """A fixed, well-spread RGBA colour per label value 1..n (golden-ratio hues)."""
+    colors = []
+    for value in range(1, min(n_labels, MAX_COLORS) + 1):
+        r, g, b = colorsys.hsv_to_rgb((value * 0.618033988749895) % 1.0, 0.75, 1.0)
+        colors.append({"label-value": value, "rgba": [int(r * 255), int(g * 255), int(b * 255), 255]})
+    return colors
+
+
+def _drop_channel(values: Sequence[Any], c_index: int | None) -> list[Any]:
+    return [v for i, v in enumerate(values) if i != c_index]
+
+
+def _label_transforms(image: OmeImage, level: int, c_index: int | None) -> list[dict[str, Any]]:
+    transforms = []
+    for item in image.levels[level].transforms:
+        item = dict(item)
+        for key in ("scale", "translation"):
+            if isinstance(item.get(key), list) and len(item[key]) == len(image.axes):
+                item[key] = _drop_channel(item[key], c_index)
+        transforms.append(item)
+    if not any(t.get("type") == "scale" for t in transforms):
+        base, shape = image.levels[0].array.shape, image.levels[level].array.shape
+        scale = [b / s for b, s in zip(base, shape, strict=True)]
+        transforms.insert(0, {"type": "scale", "scale": _drop_channel(scale, c_index)})
+    return transforms
+
+
+def ensure_group(path: Path, zarr_format: int, ngff_version: str) -> None:
+    """Create an (empty-attribute) zarr group at ``path`` unless one is there."""
+    if (path / "zarr.json").is_file() or (path / ".zgroup").is_file():
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    if zarr_format == 3:
+        _write_json_atomic(
+            path / "zarr.json",
+            {"zarr_format": 3, "node_type": "group", "attributes": {"ome": {"version": ngff_version}}},
+        )
+    else:
+        _write_json_atomic(path / ".zgroup", {"zarr_format": 2})
+
+
+def register_label_name(labels_dir: Path, name: str, zarr_format: int, ngff_version: str) -> None:
+    """Add ``name`` to the ``labels`` list of the labels group (once), keeping other entries."""
+    ensure_group(labels_dir, zarr_format, ngff_version)
+    if zarr_format == 3:
+        doc = json.loads((labels_dir / "zarr.json").read_text())
+        attrs = doc.setdefault("attributes", {})
+        ome = attrs.setdefault("ome", {"version": ngff_version})
+        names = ome.setdefault("labels", [])
+        if name not in names:
+            names.append(name)
+            _write_json_atomic(labels_dir / "zarr.json", doc)
+    else:
+        attrs_file = labels_dir / ".zattrs"
+        attrs = json.loads(attrs_file.read_text()) if attrs_file.is_file() else {}
+        names = attrs.setdefault("labels", [])
+        if name not in names:
+            names.append(name)
+            _write_json_atomic(attrs_file, attrs)
+
+
+def cleanup_staging(labels_dir: Path, name: str) -> list[Path]:
+    """Remove what crashed attempts left for label image ``name``; return what was removed."""
+    removed = []
+    if labels_dir.is_dir():
+        for entry in labels_dir.iterdir():
+            if entry.name.startswith((f".{name}.partial-", f".{name}.replaced-")):
+                shutil.rmtree(entry, ignore_errors=True)
+                removed.append(entry)
+    return removed
+
+
+def written_by_cellseg1d(label_path: Path) -> bool:
+    """Whether the label image at ``label_path`` carries cellseg1d's provenance attribute."""
+    try:
+        _, attrs = read_group_attributes(label_path)
+    except ImageError:
+        return False
+    return PROVENANCE_KEY in attrs
+
+
+@dataclass
+class LabelsTarget:
+    """Where a label image goes: ``<base>/labels/<name>``, describing ``image``."""
+
+    base: Path
+    name: str
+
+    @property
+    def labels_dir(self) -> Path:
+        return self.base / "labels"
+
+    @property
+    def final_path(self) -> Path:
+        return self.labels_dir / self.name
+
+
+class StagedLabels:
+    """A label image under construction for one source image.
+
+    Use :meth:`create`, then :meth:`write_plane` for every (t, z) plane, then
+    :meth:`finish` and :meth:`publish`; :meth:`discard` on failure.
+    """
+
+    def __init__(self, image: OmeImage, target: LabelsTarget, staging: Path) -> None:
+        self.image = image
+        self.target = target
+        self.staging = staging
+        self.c_index = image.axes.index("c") if "c" in image.axes else None
+        self.axes = tuple(a for a in image.axes if a != "c")
+        self._levels: list[zarr.Array] = []
+
+    @classmethod
+    def create(cls, image: OmeImage, target: LabelsTarget) -> StagedLabels:
+        """Make the staging group and one empty array per resolution level of ``image``."""
+        check_output_name(target.name)
+        if target.final_path.exists() and not written_by_cellseg1d(target.final_path):
+            raise ImageError(
+                f"{target.final_path} exists and was not written by cellseg1d; refusing to "
+                "overwrite it. Choose another segmentation.labels_name."
+            )
+        if target.base != image.path:
+            ensure_group(target.base, image.zarr_format, image.ngff_version)
+        ensure_group(target.labels_dir, image.zarr_format, image.ngff_version)
+        cleanup_staging(target.labels_dir, target.name)
+        staging = target.labels_dir / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
+        staged = cls(image, target, staging)
+        staged._create_arrays()
+        return staged
+
+    def _create_arrays(self) -> None:
+        group = zarr.open_group(str(self.staging), mode="w", zarr_format=self.image.zarr_format)
+        for level in self.image.levels:
+            shape = tuple(_drop_channel(level.array.shape, self.c_index))
+            src_chunks = _drop_channel(level.array.chunks, self.c_index)
+            chunks = tuple(
+                1 if axis in "tz" else max(min(c, n), min(256, n))
+                for axis, c, n in zip(self.axes, src_chunks, shape, strict=True)
+            )
+            kwargs: dict[str, Any] = {}
+            if self.image.zarr_format == 3:
+                kwargs["dimension_names"] = list(self.axes)
+            else:
+                kwargs["chunk_key_encoding"] = {"name": "v2", "separator": "/"}
+            self._levels.append(
+                group.create_array(
+                    name=level.path, shape=shape, chunks=chunks, dtype=LABEL_DTYPE, fill_value=0, **kwargs
+                )
+            )
+
+    def _plane_selection(self, t: int, z: int) -> tuple[Any, ...]:
+        return tuple(t if a == "t" else z if a == "z" else slice(None) for a in self.axes)
+
+    def write_plane(self, t: int, z: int, labels: np.ndarray) -> None:
+        """Store the (Y, X) label plane for time point ``t`` and z slice ``z``."""
+        if self.axes.index("y") > self.axes.index("x"):
+            labels = labels.T
+        self._levels[0][self._plane_selection(t, z)] = labels.astype(LABEL_DTYPE, copy=False)
+
+    def _build_pyramid(self) -> None:
+        base = self._levels[0]
+        for level in self._levels[1:]:
+            # Nearest-neighbour index maps from each level back to full resolution.
+            maps = [
+                np.minimum((np.arange(n) * (n0 / n)).astype(np.int64), n0 - 1)
+                for n0, n in zip(base.shape, level.shape, strict=True)
+            ]
+            t_n = level.shape[self.axes.index("t")] if "t" in self.axes else 1
+            z_n = level.shape[self.axes.index("z")] if "z" in self.axes else 1
+            for t in range(t_n):
+                for z in range(z_n):
+                    src = tuple(
+                        int(m[t]) if a == "t" else int(m[z]) if a == "z" else m
+                        for a, m in zip(self.axes, maps, strict=True)
+                    )
+                    level[self._plane_selection(t, z)] = base.oindex[src]
+
+    def finish(self, n_objects: int, provenance: dict[str, Any]) -> None:
+        """Write lower resolution levels and the NGFF metadata of the staged label image."""
+        self._build_pyramid()
+        image = self.image
+        axes_meta = _drop_channel(image.axes_metadata, self.c_index)
+        datasets = [
+            {"path": lvl.path, "coordinateTransformations": _label_transforms(image, i, self.c_index)}
+            for i, lvl in enumerate(image.levels)
+        ]
+        multiscale: dict[str, Any] = {"name": self.target.name, "axes": axes_meta, "datasets": datasets}
+        source = os.path.relpath(image.path, self.target.final_path)
+        image_label: dict[str, Any] = {"colors": label_colors(n_objects), "source": {"image": source}}
+        attrs: dict[str, Any]
+        if image.ngff_version == "0.5":
+            attrs = {"ome": {"version": "0.5", "multiscales": [multiscale], "image-label": image_label}}
+        else:
+            multiscale["version"] = image.ngff_version
+            image_label["version"] = image.ngff_version
+            attrs = {"multiscales": [multiscale], "image-label": image_label}
+        attrs[PROVENANCE_KEY] = provenance
+        group = zarr.open_group(str(self.staging), mode="r+", zarr_format=image.zarr_format)
+        group.attrs.update(attrs)
+
+    def publish(self) -> Path:
+        """Move the staged label image into place (replacing an earlier cellseg1d one)."""
+        final = self.target.final_path
+        replaced = None
+        if final.exists():
+            replaced = final.with_name(f".{self.target.name}.replaced-{uuid.uuid4().hex[:12]}")
+            os.rename(final, replaced)
+        os.rename(self.staging, final)
+        if replaced is not None:
+            shutil.rmtree(replaced, ignore_errors=True)
+        register_label_name(
+            self.target.labels_dir, self.target.name, self.image.zarr_format, self.image.ngff_version
+        )
+        return final
+
+    def read_plane(self, t: int, z: int) -> np.ndarray:
+        """Read back a staged full-resolution (Y, X) label plane (for exports)."""
+        plane = np.asarray(self._levels[0][self._plane_selection(t, z)])
+        return plane.T if self.axes.index("y") > self.axes.index("x") else plane
+
+    def discard(self) -> None:
+        """Remove the staged label image (after a failure)."""
+        shutil.rmtree(self.staging, ignore_errors=True)

@@ -1,0 +1,312 @@
+"""Open OME-Zarr images (NGFF 0.4 on zarr v2, 0.5 on zarr v3) and read them plane by plane.
+
+Metadata is parsed here rather than through a generic reader so that every
+problem becomes an :class:`~cellseg1d.errors.ImageError` naming the file and
+what is wrong with it. Pixels are read one 2-D (t, z) plane at a time, so an
+image larger than memory is never loaded whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from cellseg1d.errors import ImageError
+
+SUPPORTED_VERSIONS = ("0.4", "0.5")
+KNOWN_AXES = "tczyx"
+#: Largest 2-D plane read in one piece (pixels); larger planes are refused.
+MAX_PLANE_PIXELS = 1 << 30
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object from ``path``, raising ImageError with the file name on failure."""
+    try:
+        raw = path.read_bytes()
+    except PermissionError:
+        raise ImageError(f"cannot read {path}: permission denied") from None
+    except OSError as err:
+        raise ImageError(f"cannot read {path}: {err.strerror or err}") from None
+    try:
+        doc = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ImageError(f"invalid JSON in {path}: {err}") from None
+    if not isinstance(doc, dict):
+        raise ImageError(f"invalid metadata in {path}: expected a JSON object, found {type(doc).__name__}")
+    return doc
+
+
+def metadata_files(path: Path) -> list[Path]:
+    """The zarr metadata files of the group at ``path`` that exist."""
+    return [p for p in (path / "zarr.json", path / ".zattrs", path / ".zgroup") if p.is_file()]
+
+
+def read_group_attributes(path: Path) -> tuple[int, dict[str, Any]]:
+    """Return ``(zarr_format, attributes)`` of the zarr group stored at ``path``."""
+    v3 = path / "zarr.json"
+    if v3.is_file():
+        doc = load_json(v3)
+        if doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
+            raise ImageError(
+                f"{v3} does not describe a zarr v3 group "
+                f"(zarr_format={doc.get('zarr_format')!r}, node_type={doc.get('node_type')!r})"
+            )
+        attrs = doc.get("attributes", {})
+        if not isinstance(attrs, dict):
+            raise ImageError(f"invalid metadata in {v3}: 'attributes' is not an object")
+        return 3, attrs
+    if (path / ".zattrs").is_file():
+        return 2, load_json(path / ".zattrs")
+    if (path / ".zgroup").is_file():
+        return 2, {}
+    raise ImageError(f"{path} is not a zarr group: no zarr.json, .zattrs or .zgroup in it")
+
+
+def ome_attributes(attrs: dict[str, Any]) -> dict[str, Any]:
+    """The NGFF part of a group's attributes (under ``ome`` in 0.5, top level before)."""
+    ome = attrs.get("ome")
+    return ome if isinstance(ome, dict) else attrs
+
+
+def _ngff_version(ome: dict[str, Any], multiscale: dict[str, Any]) -> str | None:
+    version = ome.get("version") or multiscale.get("version")
+    return str(version) if version is not None else None
+
+
+@dataclass(frozen=True)
+class Level:
+    """One resolution level of a multiscale image."""
+
+    path: str
+    array: zarr.Array
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class OmeImage:
+    """An opened OME-Zarr multiscale image. Axes are NGFF names from ``tczyx``."""
+
+    path: Path
+    ngff_version: str
+    zarr_format: int
+    axes: tuple[str, ...]
+    axes_metadata: list[dict[str, Any]]
+    levels: list[Level]
+    channel_names: list[str]
+    name: str
+    attributes: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the full-resolution level, in ``axes`` order."""
+        return tuple(self.levels[0].array.shape)
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.levels[0].array.dtype
+
+    def size(self, axis: str) -> int:
+        """Length of ``axis`` at full resolution (1 when the image lacks it)."""
+        return self.shape[self.axes.index(axis)] if axis in self.axes else 1
+
+    @property
+    def n_channels(self) -> int:
+        return self.size("c")
+
+    def planes(self) -> Iterator[tuple[int, int]]:
+        """Every (t, z) index pair, in storage order."""
+        for t in range(self.size("t")):
+            for z in range(self.size("z")):
+                yield t, z
+
+    @property
+    def fingerprint(self) -> str:
+        """Identity of the image's content layout: metadata plus array shapes, dtypes and chunks.
+
+        It changes when the image is rewritten with other metadata or shapes, not
+        when pixel values alone change (reading every chunk would be too costly).
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps(self.attributes, sort_keys=True, default=str).encode())
+        for level in self.levels:
+            arr = level.array
+            h.update(f"|{level.path}:{arr.shape}:{arr.dtype}:{arr.chunks}".encode())
+        return h.hexdigest()[:32]
+
+    def channel_indices(self, selection: Sequence[str | int]) -> list[int]:
+        """Resolve channel names or indices to indices; empty selection means channel 0."""
+        if not selection:
+            return [0]
+        indices = []
+        for item in selection:
+            if isinstance(item, int):
+                if not 0 <= item < self.n_channels:
+                    raise ImageError(
+                        f"{self.path}: channel index {item} (setting segmentation.channels) is out of "
+                        f"range; the image has {self.n_channels} channel(s)"
+                    )
+                indices.append(item)
+            elif item in self.channel_names:
+                indices.append(self.channel_names.index(item))
+            else:
+                known = ", ".join(repr(n) for n in self.channel_names) or "none (no omero metadata)"
+                raise ImageError(
+                    f"{self.path}: no channel named {item!r} (setting segmentation.channels); "
+                    f"channel names in this image: {known}"
+                )
+        return indices
+
+    def missing_chunks(self) -> tuple[int, int]:
+        """``(missing, total)`` stored chunks of the full-resolution array."""
+        arr = self.levels[0].array
+        return arr.nchunks - arr.nchunks_initialized, arr.nchunks
+
+    def read_plane(self, t: int, z: int, channels: Sequence[int]) -> np.ndarray:
+        """Read one full-resolution plane as a ``(C, Y, X)`` array of the stored dtype."""
+        level = self.levels[0]
+        selection: list[Any] = []
+        kept: list[str] = []
+        for axis in self.axes:
+            if axis == "t":
+                selection.append(t)
+            elif axis == "z":
+                selection.append(z)
+            elif axis == "c":
+                selection.append(list(channels))
+                kept.append("c")
+            else:
+                selection.append(slice(None))
+                kept.append(axis)
+        try:
+            data = np.asarray(level.array.oindex[tuple(selection)])
+        except OSError:
+            raise  # storage trouble (network share, disk): transient, the job is retried
+        except Exception as err:
+            raise ImageError(
+                f"cannot read plane t={t} z={z} of {self.path / level.path}: "
+                f"{type(err).__name__}: {err} (corrupt or truncated chunk?)"
+            ) from None
+        if "c" not in kept:
+            data = data[np.newaxis]
+            kept.insert(0, "c")
+        return np.transpose(data, [kept.index(a) for a in "cyx"])
+
+
+def _check_axes(path: Path, axes_meta: Any) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
+    if not isinstance(axes_meta, list) or not axes_meta:
+        raise ImageError(f"{path}: multiscales[0].axes is missing or empty")
+    if not all(isinstance(a, dict) and isinstance(a.get("name"), str) for a in axes_meta):
+        raise ImageError(
+            f"{path}: multiscales[0].axes must be a list of objects with a 'name' "
+            "(NGFF 0.4+); older string-list axes are not supported"
+        )
+    names = tuple(a["name"].lower() for a in axes_meta)
+    unknown = [n for n in names if n not in KNOWN_AXES]
+    if unknown:
+        raise ImageError(
+            f"{path}: unsupported axes {unknown} in {list(names)}; cellseg1d handles t, c, z, y, x"
+        )
+    if len(set(names)) != len(names):
+        raise ImageError(f"{path}: repeated axis names in {list(names)}")
+    if "y" not in names or "x" not in names:
+        raise ImageError(f"{path}: axes {list(names)} lack 'y' and 'x'; a 2-D image plane is needed")
+    return names, axes_meta
+
+
+def _safe_dataset_path(image_path: Path, raw: Any) -> str:
+    if not isinstance(raw, str) or not raw or raw.startswith("/") or ".." in Path(raw).parts:
+        raise ImageError(f"{image_path}: dataset path {raw!r} is not a relative path inside the image")
+    return raw
+
+
+def open_image(path: Path) -> OmeImage:
+    """Open the OME-Zarr multiscale image whose group is at ``path``.
+
+    Raises
+    ------
+    ImageError
+        When the metadata is missing, invalid or unsupported, or the arrays do
+        not match it. The message names the file and the problem.
+    """
+    path = Path(path)
+    zarr_format, attrs = read_group_attributes(path)
+    ome = ome_attributes(attrs)
+    meta_file = path / ("zarr.json" if zarr_format == 3 else ".zattrs")
+    multiscales = ome.get("multiscales")
+    if not multiscales:
+        raise ImageError(
+            f"{path}: no OME-NGFF image metadata ('multiscales' not found in {meta_file.name}); "
+            "is this an OME-Zarr image?"
+        )
+    if not isinstance(multiscales, list) or not isinstance(multiscales[0], dict):
+        raise ImageError(f"{meta_file}: 'multiscales' must be a list of objects")
+    multiscale = multiscales[0]
+    version = _ngff_version(ome, multiscale)
+    if version not in SUPPORTED_VERSIONS:
+        raise ImageError(
+            f"{meta_file}: NGFF version {version!r} is not supported; "
+            f"cellseg1d reads versions {', '.join(SUPPORTED_VERSIONS)}"
+        )
+    if version == "0.5" and zarr_format != 3:
+        raise ImageError(f"{path}: NGFF 0.5 needs zarr v3 (zarr.json), found zarr v2 metadata")
+    axes, axes_meta = _check_axes(meta_file, multiscale.get("axes"))
+    datasets = multiscale.get("datasets")
+    if not isinstance(datasets, list) or not datasets:
+        raise ImageError(f"{meta_file}: multiscales[0].datasets is missing or empty")
+
+    levels: list[Level] = []
+    for i, dataset in enumerate(datasets):
+        if not isinstance(dataset, dict):
+            raise ImageError(f"{meta_file}: datasets[{i}] is not an object")
+        ds_path = _safe_dataset_path(path, dataset.get("path"))
+        array_dir = path / ds_path
+        try:
+            array = zarr.open_array(store=str(array_dir), mode="r")
+        except Exception as err:
+            raise ImageError(f"cannot open array {array_dir}: {type(err).__name__}: {err}") from None
+        if array.ndim != len(axes):
+            raise ImageError(
+                f"array {array_dir} has {array.ndim} dimensions but the image declares "
+                f"{len(axes)} axes {list(axes)}"
+            )
+        transforms = dataset.get("coordinateTransformations") or []
+        levels.append(Level(ds_path, array, transforms if isinstance(transforms, list) else []))
+
+    base = levels[0].array
+    if base.dtype.kind not in "uif":
+        raise ImageError(
+            f"array {path / levels[0].path}: data type {base.dtype} is not supported; "
+            "integer or floating-point pixels are needed"
+        )
+    if 0 in base.shape:
+        raise ImageError(f"array {path / levels[0].path} is empty (shape {base.shape})")
+    plane_pixels = base.shape[axes.index("y")] * base.shape[axes.index("x")]
+    if plane_pixels > MAX_PLANE_PIXELS:
+        raise ImageError(
+            f"array {path / levels[0].path}: a y/x plane of {plane_pixels} pixels exceeds the "
+            f"{MAX_PLANE_PIXELS}-pixel limit for one plane"
+        )
+    for level in levels[1:]:
+        for axis, n0, n in zip(axes, base.shape, level.array.shape, strict=True):
+            if (axis in "tc" and n != n0) or n > n0 or n == 0:
+                raise ImageError(
+                    f"{path}: multiscale level '{level.path}' has shape {level.array.shape}, which "
+                    f"does not fit the full-resolution shape {base.shape} (axis {axis})"
+                )
+
+    channel_names: list[str] = []
+    omero = ome.get("omero")
+    if isinstance(omero, dict) and isinstance(omero.get("channels"), list):
+        channel_names = [
+            str(ch.get("label", f"ch{i}")) if isinstance(ch, dict) else f"ch{i}"
+            for i, ch in enumerate(omero["channels"])
+        ]
+    name = str(multiscale.get("name") or path.name)
+    return OmeImage(path, version, zarr_format, axes, axes_meta, levels, channel_names, name, attrs)

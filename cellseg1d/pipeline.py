@@ -1,0 +1,216 @@
+"""Run one image through the hooks: experiment -> segment every plane -> exports -> publish labels.
+
+Nothing is visible to users until the end: label planes are written to a
+staging label group and export files to temporary names; only when every
+plane and every export succeeded are they renamed into place. The caller
+(the worker) then commits the job in the catalog.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pluggy
+
+from cellseg1d import PIPELINE_VERSION, __version__
+from cellseg1d.config import Config, WatchRoot
+from cellseg1d.errors import ImageError, JobAborted, PluginError
+from cellseg1d.ngff.labels import LabelsTarget, StagedLabels
+from cellseg1d.ngff.reader import OmeImage, open_image
+from cellseg1d.plugins import plugin_at_fault
+from cellseg1d.types import ExportContext, LabelsView, SegmentRequest, Segmentation
+
+log = logging.getLogger(__name__)
+DEFAULT_EXPERIMENT = "default"
+EXPORTS_SUFFIX = ".cellseg1d"
+
+
+@dataclass
+class PipelineResult:
+    """What one successful run produced (stored in the catalog's result row)."""
+
+    labels_path: str
+    object_count: int
+    planes: int
+    segmenter: str
+    experiment: str
+    exports: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def catalog_fields(self) -> dict[str, Any]:
+        return {
+            "labels_path": self.labels_path,
+            "object_count": self.object_count,
+            "planes": self.planes,
+            "segmenter": self.segmenter,
+            "cellseg1d_version": __version__,
+            "pipeline_version": PIPELINE_VERSION,
+            "exports": {"records": self.exports, "experiment": self.experiment, "timings": self.timings},
+        }
+
+
+def output_base(image_path: Path, root: WatchRoot) -> Path:
+    """The folder that receives ``labels/`` for an image: the image, or its mirror."""
+    if root.output == "mirror":
+        assert root.mirror_root is not None
+        return root.mirror_root / image_path.relative_to(root.path)
+    return image_path
+
+
+def exports_dir(image_path: Path, container: Path, root: WatchRoot) -> Path:
+    """Folder for export files: ``<container>.cellseg1d/<image path inside the container>``."""
+    base = container.parent / (container.name + EXPORTS_SUFFIX)
+    if root.output == "mirror":
+        assert root.mirror_root is not None
+        base = root.mirror_root / base.relative_to(root.path)
+    return base / image_path.relative_to(container)
+
+
+def pixel_size(image: OmeImage) -> tuple[float, float] | None:
+    """(y, x) pixel size from the full-resolution scale transform, if declared."""
+    for item in image.levels[0].transforms:
+        scale = item.get("scale") if isinstance(item, dict) else None
+        if isinstance(scale, list) and len(scale) == len(image.axes):
+            return float(scale[image.axes.index("y")]), float(scale[image.axes.index("x")])
+    return None
+
+
+def _call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
+    try:
+        return getattr(pm.hook, name)(**kwargs)
+    except (ImageError, JobAborted, OSError):
+        raise
+    except Exception as err:
+        plugin = plugin_at_fault(pm, name, err) or "unknown"
+        raise PluginError(plugin, name, f"{type(err).__name__}: {err}") from err
+
+
+def _check_labels(seg: Any, shape: tuple[int, int]) -> np.ndarray:
+    if not isinstance(seg, Segmentation):
+        raise PluginError("unknown", "segment", f"returned {type(seg).__name__}, expected Segmentation")
+    labels = np.asarray(seg.labels)
+    if labels.shape != shape or labels.dtype.kind not in "ui":
+        raise PluginError(
+            seg.segmenter, "segment",
+            f"returned labels of shape {labels.shape} and dtype {labels.dtype}; "
+            f"expected an integer array of shape {shape}",
+        )
+    if labels.size and labels.min() < 0:
+        raise PluginError(seg.segmenter, "segment", "returned negative label values")
+    return labels
+
+
+def relabel_sequential(labels: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
+    """Map the non-zero values of ``labels`` to ``offset+1 .. offset+n``; return (labels, n)."""
+    values = np.unique(labels)
+    values = values[values != 0]
+    if values.size == 0:
+        return np.zeros(labels.shape, np.uint32), 0
+    out = np.zeros(labels.shape, np.uint32)
+    index = np.searchsorted(values, labels)
+    mask = labels != 0
+    out[mask] = (index[mask] + 1 + offset).astype(np.uint32)
+    return out, int(values.size)
+
+
+class Pipeline:
+    """Processes images with one plugin manager and config (shared by worker threads)."""
+
+    def __init__(self, config: Config, pm: pluggy.PluginManager) -> None:
+        self.config = config
+        self.pm = pm
+
+    def run(
+        self,
+        image_path: Path,
+        root: WatchRoot,
+        container: Path,
+        should_abort: Callable[[], bool] = lambda: False,
+        on_plane: Callable[[int, int], None] | None = None,
+    ) -> PipelineResult:
+        """Segment every plane of the image at ``image_path`` and publish the outputs."""
+        started = time.perf_counter()
+        timings = {"read": 0.0, "segment": 0.0, "write": 0.0}
+        if not image_path.exists():
+            raise ImageError(f"{image_path} no longer exists (deleted or moved before processing)")
+        image = open_image(image_path)
+        experiment = _call_hook(self.pm, "resolve_experiment", image=image, root=root) or DEFAULT_EXPERIMENT
+        channels = image.channel_indices(self.config.segmentation.channels)
+        channel_names = tuple(
+            image.channel_names[i] if i < len(image.channel_names) else f"ch{i}" for i in channels
+        )
+        target = LabelsTarget(output_base(image_path, root), self.config.segmentation.labels_name)
+        staged = StagedLabels.create(image, target)
+        context = ExportContext(
+            experiment=experiment,
+            output_dir=exports_dir(image_path, container, root),
+            read_image_plane=lambda t, z: image.read_plane(t, z, range(image.n_channels)),
+            config=self.config,
+        )
+        try:
+            segmenters: set[str] = set()
+            n_objects = 0
+            planes = list(image.planes())
+            yx_shape = (image.size("y"), image.size("x"))
+            for done, (t, z) in enumerate(planes):
+                if should_abort():
+                    raise JobAborted(f"stopped before plane t={t} z={z} of {image_path}")
+                t0 = time.perf_counter()
+                plane = image.read_plane(t, z, channels)
+                t1 = time.perf_counter()
+                request = SegmentRequest(
+                    image_path=image_path, experiment=experiment, t=t, z=z, channels=channel_names,
+                    pixel_size=pixel_size(image), config=self.config,
+                )
+                seg = _call_hook(self.pm, "segment", plane=plane, request=request)
+                if seg is None:
+                    raise PluginError(
+                        "none", "segment",
+                        "no segmenter answered; enable the built-in 'classical' plugin or a model plugin",
+                    )
+                labels = _check_labels(seg, yx_shape)
+                # Object ids are unique across all planes of the image.
+                labels, n = relabel_sequential(labels, n_objects)
+                n_objects += n
+                segmenters.add(seg.segmenter)
+                t2 = time.perf_counter()
+                staged.write_plane(t, z, labels)
+                t3 = time.perf_counter()
+                timings["read"] += t1 - t0
+                timings["segment"] += t2 - t1
+                timings["write"] += t3 - t2
+                if on_plane:
+                    on_plane(done + 1, len(planes))
+            segmenter = ",".join(sorted(segmenters))
+            t4 = time.perf_counter()
+            staged.finish(
+                n_objects,
+                provenance={
+                    "version": __version__, "pipeline_version": PIPELINE_VERSION,
+                    "segmenter": segmenter, "experiment": experiment,
+                    "channels": list(channel_names), "source_fingerprint": image.fingerprint,
+                },
+            )
+            timings["pyramid"] = time.perf_counter() - t4
+            view = LabelsView(staged.read_plane, planes, n_objects)
+            t5 = time.perf_counter()
+            records = _call_hook(self.pm, "export", image=image, labels=view, context=context)
+            exports = [r if isinstance(r, dict) else {"value": str(r)} for r in records if r is not None]
+            timings["exports"] = time.perf_counter() - t5
+            context.commit()
+            final = staged.publish()
+        except BaseException:
+            staged.discard()
+            context.discard()
+            raise
+        timings["total"] = time.perf_counter() - started
+        return PipelineResult(
+            labels_path=str(final), object_count=n_objects, planes=len(planes),
+            segmenter=segmenter, experiment=experiment, exports=exports, timings=timings,
+        )

@@ -1,0 +1,114 @@
+"""Plain data types passed to and returned from plugin hooks."""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cellseg1d.ngff.names import check_output_name
+
+
+@dataclass(frozen=True)
+class ReadinessQuery:
+    """Arguments of the ``image_ready`` hook."""
+
+    #: The opened image (:class:`cellseg1d.ngff.OmeImage`).
+    image: Any
+    #: The OME-Zarr container folder the image lies in (the image itself for a plain image).
+    container: Path
+    #: How long nothing has changed in the image's folder, in seconds.
+    quiet_seconds: float
+    #: The daemon's :class:`cellseg1d.config.ReadinessSettings`.
+    settings: Any
+
+
+@dataclass(frozen=True)
+class SegmentRequest:
+    """What a segmenter is asked to segment (the plane itself is passed beside it)."""
+
+    image_path: Path
+    experiment: str
+    t: int
+    z: int
+    #: Names of the channels in the plane, in order.
+    channels: tuple[str, ...]
+    #: Pixel size in y and x in the image's unit (None when the metadata gives none).
+    pixel_size: tuple[float, float] | None
+    #: The daemon config (:class:`cellseg1d.config.Config`), for plugin settings.
+    config: Any
+
+
+@dataclass
+class Segmentation:
+    """A segmenter's answer for one plane."""
+
+    #: (Y, X) integer label image, 0 background.
+    labels: np.ndarray
+    #: Which segmenter produced it, e.g. ``"classical"`` or ``"sam-lora:vit_b/exp1@3"``.
+    segmenter: str
+    #: Optional details recorded with the result (model versions, scores, ...).
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class LabelsView:
+    """Read access to the finished label planes of the image being processed."""
+
+    def __init__(self, read: Callable[[int, int], np.ndarray], planes: list[tuple[int, int]], n_objects: int):
+        self._read = read
+        self.planes = planes
+        self.n_objects = n_objects
+
+    def read_plane(self, t: int, z: int) -> np.ndarray:
+        """The (Y, X) label plane at time point ``t`` and z slice ``z``."""
+        return self._read(t, z)
+
+    def __iter__(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        for t, z in self.planes:
+            yield t, z, self._read(t, z)
+
+
+@dataclass
+class ExportContext:
+    """What an export plugin needs beyond the image and its labels."""
+
+    experiment: str
+    #: Folder for this image's extra outputs (created on first use of atomic_path).
+    output_dir: Path
+    #: Reads a raw (C, Y, X) image plane: ``read_plane(t, z)`` with all channels.
+    read_image_plane: Callable[[int, int], np.ndarray]
+    config: Any
+    _pending: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def atomic_path(self, name: str) -> Path:
+        """A temporary path to write output file ``name`` to; it is moved into place on success."""
+        check_output_name(name)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        final = self.output_dir / name
+        tmp = self.output_dir / f".{name}.partial-{uuid.uuid4().hex[:12]}"
+        self._pending.append((tmp, final))
+        return tmp
+
+    def commit(self) -> list[Path]:
+        """Move every file written through :meth:`atomic_path` into place."""
+        done = []
+        for tmp, final in self._pending:
+            if tmp.exists():
+                tmp.replace(final)
+                done.append(final)
+        self._pending.clear()
+        return done
+
+    def discard(self) -> None:
+        """Delete temporary files of a failed job."""
+        for tmp, _ in self._pending:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+        self._pending.clear()
