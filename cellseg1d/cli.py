@@ -1,0 +1,165 @@
+"""The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from cellseg1d import __version__
+from cellseg1d.config import Config, load_config
+from cellseg1d.errors import CellsegError, ConfigError
+
+
+def default_state_dir() -> Path:
+    """Where a quick-start daemon (no config file) keeps its catalog."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "cellseg1d"
+
+
+def _add_catalog_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="daemon config file (TOML)")
+    p.add_argument("--state-dir", type=Path, help="state dir of the daemon (holds catalog.sqlite)")
+    p.add_argument("--catalog-url", help="catalog database URL (overrides config and state dir)")
+
+
+def _config_for(args: argparse.Namespace, need_state: bool = False) -> Config:
+    overrides: dict[str, Any] = {}
+    config_path = args.config or (Path(os.environ["CELLSEG1D_CONFIG"]) if os.environ.get("CELLSEG1D_CONFIG") else None)
+    if args.state_dir is not None:
+        overrides["state_dir"] = str(args.state_dir)
+    elif config_path is None:
+        overrides["state_dir"] = str(default_state_dir())
+    if getattr(args, "catalog_url", None):
+        overrides["catalog.url"] = args.catalog_url
+    for opt, key in (("watch", None), ("settle_seconds", "readiness.settle_seconds"),
+                     ("polling", "watch.polling"), ("log_level", "log_level"),
+                     ("channel", "segmentation.channels"), ("workers", "jobs.workers")):
+        value = getattr(args, opt, None)
+        if value in (None, False, []):
+            continue
+        if opt == "watch":
+            overrides["watch.roots"] = [{"path": str(p)} for p in value]
+        else:
+            overrides[key] = value  # type: ignore[index]
+    return load_config(config_path, overrides)
+
+
+def _open_catalog(config: Config) -> Any:
+    from cellseg1d.catalog import Catalog
+
+    if config.catalog.url is None and not (config.state_dir / "catalog.sqlite").exists():
+        raise ConfigError(
+            f"no catalog in {config.state_dir}; has the daemon run with this state dir? "
+            "(pass --state-dir or --config)"
+        )
+    catalog = Catalog(config.catalog_url)
+    if not catalog.has_schema():
+        raise ConfigError(f"the catalog at {config.catalog_url} has no cellseg1d tables yet")
+    return catalog
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cellseg1d.daemon import Daemon, configure_logging
+
+    config = _config_for(args)
+    configure_logging(config.log_level)
+    daemon = Daemon(config)
+    daemon.install_signal_handlers()
+    return daemon.run()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from cellseg1d.report import status_report
+
+    config = _config_for(args)
+    catalog = _open_catalog(config)
+    report = status_report(catalog, recent=args.recent)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        from cellseg1d.report import print_status
+
+        print_status(report)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from cellseg1d.report import list_images, print_images
+
+    config = _config_for(args)
+    catalog = _open_catalog(config)
+    rows = list_images(catalog, status=args.status, contains=args.path_contains, limit=args.limit)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print_images(rows)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cellseg1d.demo import run_demo
+
+    return run_demo(n_images=args.images, keep=args.keep, settle_seconds=args.settle_seconds, workdir=args.workdir)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cellseg1d",
+        description="Segment cells in OME-Zarr images while the microscope is still acquiring.",
+    )
+    parser.add_argument("--version", action="version", version=f"cellseg1d {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (what systemd runs)")
+    _add_catalog_options(run)
+    run.add_argument("--watch", type=Path, action="append", default=[], metavar="DIR",
+                     help="acquisition folder to watch (repeatable; replaces the config's roots)")
+    run.add_argument("--settle-seconds", type=float, help="quiet time before an image counts as written")
+    run.add_argument("--polling", action="store_true", help="poll instead of inotify (network shares)")
+    run.add_argument("--channel", action="append", help="channel name to segment (repeatable)")
+    run.add_argument("--workers", type=int, help="parallel worker threads")
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=cmd_run)
+
+    status = sub.add_parser("status", help="counts, queue and recent failures from the catalog")
+    _add_catalog_options(status)
+    status.add_argument("--recent", type=int, default=10, help="how many recent failures to show")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.set_defaults(func=cmd_status)
+
+    images = sub.add_parser("images", help="list images in the catalog")
+    _add_catalog_options(images)
+    images.add_argument("--status", choices=["queued", "processing", "done", "failed"])
+    images.add_argument("--path-contains", help="only images whose path contains this text")
+    images.add_argument("--limit", type=int, default=200)
+    images.add_argument("--json", action="store_true", help="machine-readable output")
+    images.set_defaults(func=cmd_images)
+
+    demo = sub.add_parser("demo", help="simulate a microscope and watch the daemon segment its images")
+    demo.add_argument("--images", type=int, default=5, help="how many images the simulated microscope writes")
+    demo.add_argument("--settle-seconds", type=float, default=2.0)
+    demo.add_argument("--workdir", type=Path, help="folder for the demo (default: a new temporary one)")
+    demo.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``cellseg1d`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except CellsegError as err:
+        print(f"cellseg1d: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

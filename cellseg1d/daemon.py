@@ -1,0 +1,379 @@
+"""The long-running service: watcher -> readiness -> catalog jobs -> worker threads -> pipeline.
+
+One scheduler loop (the main thread) turns quiet images into catalog jobs;
+``jobs.workers`` worker threads claim jobs and run the pipeline. SIGTERM or
+SIGINT stops claiming work and lets the current images finish; a second
+signal aborts them (their jobs are released, nothing partial is published).
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import traceback
+import warnings
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from cellseg1d import PIPELINE_VERSION, __version__
+from cellseg1d.catalog import Catalog
+from cellseg1d.catalog.db import redact
+from cellseg1d.config import Config, WatchRoot
+from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
+from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue
+from cellseg1d.ngff.discover import container_of
+from cellseg1d.ngff.reader import open_image
+from cellseg1d.pipeline import Pipeline
+from cellseg1d.plugins import build_plugin_manager, plugin_at_fault, plugin_names
+from cellseg1d.types import ReadinessQuery
+from cellseg1d.watch import Candidate, ImageTracker, Watcher
+
+log = logging.getLogger("cellseg1d.daemon")
+TICK_SECONDS = 0.2
+
+
+def run_key(fingerprint: str) -> str:
+    """Identity of one run: the same image version through the same pipeline runs once."""
+    return f"{fingerprint}:p{PIPELINE_VERSION}"
+
+
+class StateDirLock:
+    """An exclusive lock on the state dir: one daemon per state dir (and so per SQLite catalog)."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / "daemon.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(fd)
+            if err.errno in (errno.EAGAIN, errno.EACCES):
+                other = self.path.read_text().strip() or "?"
+                raise ConfigError(
+                    f"another cellseg1d daemon (pid {other}) is using the state dir {self.path.parent}; "
+                    "stop it or give this one another state_dir"
+                ) from None
+            raise
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def prepare_state_dir(state_dir: Path) -> None:
+    """Create the state dir, private to the service user."""
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as err:
+        raise ConfigError(f"setting state_dir: cannot create {state_dir}: {err.strerror}") from None
+    if not os.access(state_dir, os.W_OK):
+        raise ConfigError(f"setting state_dir: {state_dir} is not writable by this user")
+    os.chmod(state_dir, 0o700)
+
+
+class Heartbeat(threading.Thread):
+    """Renews a job's lease while it runs; notices when the lease was lost."""
+
+    def __init__(self, queue: JobQueue, job: ClaimedJob, interval: float) -> None:
+        super().__init__(name=f"heartbeat-{job.job_id}", daemon=True)
+        self.queue, self.job, self.interval = queue, job, interval
+        self.lost = False
+        self._stop = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                if not self.queue.heartbeat(self.job.job_id):
+                    self.lost = True
+                    return
+            except Exception as err:  # catalog briefly unreachable: try again next beat
+                log.warning("lease heartbeat for job %d failed: %s", self.job.job_id, err)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Daemon:
+    """The cellseg1d service for one config."""
+
+    def __init__(self, config: Config, extra_plugins: tuple[Any, ...] = ()) -> None:
+        config.check_runnable()
+        self.config = config
+        self.stop_event = threading.Event()  # stop claiming work
+        self.abort_event = threading.Event()  # abandon work in progress
+        self.work_event = threading.Event()
+        prepare_state_dir(config.state_dir)
+        self.lock = StateDirLock(config.state_dir)
+        self.lock.acquire()
+        try:
+            self.catalog = Catalog(config.catalog_url)
+            self.catalog.migrate()
+            self.pm = build_plugin_manager(config.plugins.enable, config.plugins.disable, extra_plugins)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.node_id = f"{socket.gethostname()}:{config.state_dir.resolve()}"
+        self.queue = JobQueue(
+            self.catalog, f"{self.node_id}#{os.getpid()}", config.jobs.lease_seconds,
+            config.jobs.max_attempts, config.jobs.retry_backoff_seconds,
+        )
+        self.pipeline = Pipeline(config, self.pm)
+        self.roots = config.watch.roots
+        self.tracker = ImageTracker(
+            [r.path.resolve() for r in self.roots], config.watch.container_suffixes,
+            config.readiness.settle_seconds,
+        )
+        self.watcher: Watcher | None = None
+        self._waiting_logged: set[Path] = set()
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def install_signal_handlers(self) -> None:
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            if self.stop_event.is_set():
+                log.warning("second %s: aborting images in progress", signal.Signals(signum).name)
+                self.abort_event.set()
+            else:
+                log.info("%s received: finishing current images, then stopping "
+                         "(send it again to abort them)", signal.Signals(signum).name)
+                self.stop_event.set()
+            self.work_event.set()
+
+        signal.signal(signal.SIGTERM, handle)
+        signal.signal(signal.SIGINT, handle)
+
+    def _start_watcher(self, polling: bool) -> None:
+        self.watcher = Watcher(self.tracker, polling, self.config.watch.poll_interval_seconds)
+        self.watcher.start()
+
+    def run(self) -> int:
+        """Run until stopped; returns the process exit code."""
+        cfg = self.config
+        log.info(
+            "cellseg1d %s starting: catalog %s, plugins %s, segmenters %s",
+            __version__, redact(self.catalog.url), plugin_names(self.pm),
+            [i.plugin_name for i in reversed(self.pm.hook.segment.get_hookimpls())],
+        )
+        self.queue.reclaim_node(self.node_id)
+        self.queue.reclaim_expired()
+        try:
+            self._start_watcher(cfg.watch.polling)
+        except OSError as err:
+            log.error("cannot watch with inotify (%s); falling back to polling every %.0f s. "
+                      "Raise fs.inotify.max_user_watches or set watch.polling = true.",
+                      err, cfg.watch.poll_interval_seconds)
+            self._start_watcher(True)
+        found = self.tracker.rescan()
+        log.info("watching %d folder(s) (%s); %d container(s) already there; settle time %.1f s",
+                 len(self.roots), "polling" if cfg.watch.polling else "events", found,
+                 cfg.readiness.settle_seconds)
+        workers = [
+            threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)
+            for i in range(cfg.jobs.workers)
+        ]
+        for w in workers:
+            w.start()
+        next_rescan = time.monotonic() + cfg.watch.rescan_seconds
+        try:
+            while not self.stop_event.is_set():
+                self._schedule_once()
+                if time.monotonic() >= next_rescan:
+                    self.tracker.rescan()
+                    self.queue.reclaim_expired()
+                    next_rescan = time.monotonic() + cfg.watch.rescan_seconds
+                self._check_watcher()
+                self.stop_event.wait(TICK_SECONDS)
+        finally:
+            log.info("stopping: no new work is claimed")
+            if self.watcher is not None:
+                self.watcher.stop()
+            self.work_event.set()
+            for w in workers:
+                while w.is_alive():
+                    w.join(timeout=0.5)
+            self.catalog.close()
+            self.lock.release()
+            log.info("stopped")
+        return 0
+
+    def _check_watcher(self) -> None:
+        if self.watcher is not None and not self.watcher.observer.is_alive() and not self.stop_event.is_set():
+            log.error("the file watcher stopped unexpectedly (inotify limit?); switching to polling")
+            self._start_watcher(True)
+
+    # -- scheduling -----------------------------------------------------------
+
+    def _schedule_once(self) -> None:
+        try:
+            ready, problems = self.tracker.poll()
+            for container, root_index, error in problems:
+                self._reject(container, container, root_index, error, None)
+            for cand in ready:
+                self._consider(cand)
+        except CellsegError as err:
+            log.error("%s", err)
+        except Exception:  # never let one bad folder stop the scheduler
+            log.exception("unexpected error while checking images; continuing")
+
+    def _facts(self, path: Path, container: Path, root_index: int, image: Any = None) -> ImageFacts:
+        facts = ImageFacts(str(path), str(self.roots[root_index].path), str(container))
+        if image is not None:
+            facts = ImageFacts(
+                facts.path, facts.root, facts.container, image.fingerprint, image.ngff_version,
+                "".join(image.axes), "x".join(map(str, image.shape)), str(image.dtype),
+            )
+        return facts
+
+    def _reject(self, path: Path, container: Path, root_index: int, error: str, plugin: str | None,
+                image: Any = None) -> None:
+        key = "rejected:" + hashlib.sha256(error.encode()).hexdigest()[:16]
+        if self.queue.record_rejected(self._facts(path, container, root_index, image), key, error, plugin):
+            log.error("cannot process %s: %s", path, error)
+            self._notify("image_failed", image_path=str(path), error=error, plugin=plugin, will_retry=False)
+
+    def _consider(self, cand: Candidate) -> None:
+        """Decide about an image that has been quiet for the settle time."""
+        settings = self.config.readiness
+        try:
+            image = open_image(cand.image)
+            if not settings.allow_missing_chunks:
+                missing, total = image.missing_chunks()
+                if missing:
+                    raise ImageError(
+                        f"{image.path / image.levels[0].path}: {missing} of {total} chunks are missing "
+                        "(truncated copy or interrupted acquisition?). If your writer skips empty "
+                        "chunks, set readiness.allow_missing_chunks = true"
+                    )
+        except ImageError as err:
+            cand.failures += 1
+            if cand.failures < 2:
+                # A writer may be replacing a metadata file right now: look once more.
+                self.tracker.postpone(cand, max(1.0, settings.settle_seconds))
+                return
+            self._reject(cand.image, cand.container, cand.root_index, str(err), None)
+            self.tracker.settled(cand)
+            return
+        query = ReadinessQuery(image, cand.container, settings.settle_seconds, settings)
+        try:
+            ready = self.pm.hook.image_ready(query=query)
+        except Exception as err:
+            plugin = plugin_at_fault(self.pm, "image_ready", err) or "unknown"
+            self._reject(cand.image, cand.container, cand.root_index,
+                         f"plugin '{plugin}' failed in hook 'image_ready': {type(err).__name__}: {err}",
+                         plugin, image)
+            self.tracker.settled(cand)
+            return
+        if ready is False:
+            if cand.image not in self._waiting_logged:
+                log.info("%s is quiet but not marked complete yet; waiting", cand.image)
+                self._waiting_logged.add(cand.image)
+            self.tracker.postpone(cand, max(2.0, settings.settle_seconds))
+            return
+        self._waiting_logged.discard(cand.image)
+        job_id = self.queue.enqueue(self._facts(cand.image, cand.container, cand.root_index, image),
+                                    run_key(image.fingerprint))
+        self.tracker.settled(cand)
+        if job_id is not None:
+            log.info("queued %s (job %d)", cand.image, job_id)
+            self.work_event.set()
+
+    # -- working --------------------------------------------------------------
+
+    def _root_for(self, root: str) -> WatchRoot | None:
+        return next((r for r in self.roots if str(r.path) == root), None)
+
+    def _worker_loop(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                job = self.queue.claim()
+            except Exception as err:
+                log.error("cannot claim work from the catalog: %s; retrying in 5 s", err)
+                self.stop_event.wait(5)
+                continue
+            if job is None:
+                self.work_event.wait(1.0)
+                self.work_event.clear()
+                continue
+            try:
+                self._process(job)
+            except Exception:
+                log.exception("unexpected error while recording job %d; continuing", job.job_id)
+
+    def _process(self, job: ClaimedJob) -> None:
+        path = Path(job.image_path)
+        root = self._root_for(job.root)
+        if root is None:
+            self.queue.fail(job, f"{path}: its watched folder {job.root} is no longer configured",
+                            permanent=True)
+            return
+        container = container_of(path, root.path, self.config.watch.container_suffixes) or path
+        heartbeat = Heartbeat(self.queue, job, max(1.0, self.config.jobs.lease_seconds / 3))
+        heartbeat.start()
+        started = time.perf_counter()
+        log.info("processing %s (job %d, attempt %d)", path, job.job_id, job.attempt)
+        try:
+            result = self.pipeline.run(
+                path, root, container, should_abort=lambda: self.abort_event.is_set() or heartbeat.lost
+            )
+        except JobAborted as err:
+            self.queue.release(job)
+            log.warning("released job %d unfinished: %s", job.job_id, err)
+            return
+        except (ImageError, PluginError) as err:
+            self._failed(job, str(err), permanent=True, plugin=getattr(err, "plugin", None))
+            return
+        except Exception as err:
+            log.debug("job %d traceback:\n%s", job.job_id, traceback.format_exc())
+            self._failed(job, f"{type(err).__name__}: {err}", permanent=False, plugin=None)
+            return
+        finally:
+            heartbeat.stop()
+        seconds = time.perf_counter() - started
+        if not self.queue.complete(job, result.catalog_fields(), seconds):
+            log.warning("job %d finished but its lease had passed to another worker", job.job_id)
+            return
+        log.info("done %s: %d objects by %s in %.2f s -> %s", path, result.object_count,
+                 result.segmenter, seconds, result.labels_path)
+        self._notify("image_done", image_path=str(path), result={
+            **result.catalog_fields(), "seconds": seconds,
+        })
+
+    def _failed(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None) -> None:
+        state = self.queue.fail(job, error, permanent=permanent, plugin=plugin)
+        retry = state == "queued"
+        log.error("failed %s%s: %s", job.image_path, " (will retry)" if retry else "", error)
+        self._notify("image_failed", image_path=job.image_path, error=error, plugin=plugin, will_retry=retry)
+
+    def _notify(self, hook: str, **kwargs: Any) -> None:
+        try:
+            getattr(self.pm.hook, hook)(**kwargs)
+        except Exception as err:
+            plugin = plugin_at_fault(self.pm, hook, err) or "unknown"
+            log.error("plugin '%s' failed in notification hook '%s': %s", plugin, hook, err)
+
+
+def configure_logging(level: str) -> None:
+    """Plain, timestamped log lines on stderr (journald keeps them under systemd)."""
+    logging.basicConfig(
+        level=getattr(logging, level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # watchdog warns when a watched folder is renamed (our label staging rename); harmless.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.observers\.inotify")
+    for noisy in ("watchdog", "alembic", "numcodecs", "zarr", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))

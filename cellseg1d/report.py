@@ -1,0 +1,98 @@
+"""Read-only views of the catalog for ``cellseg1d status`` and ``cellseg1d images``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import func, select
+
+from cellseg1d.catalog import Catalog, Image, Job, JobState, Result
+
+
+def status_report(catalog: Catalog, recent: int = 10) -> dict[str, Any]:
+    """Counts of images and jobs by state, the queue, and the most recent failures."""
+    with catalog.session() as s:
+        images = dict(s.execute(select(Image.status, func.count()).group_by(Image.status)).all())
+        jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        queue = [
+            {"job": j.id, "image": path, "state": j.state, "attempts": j.attempts,
+             "lease_owner": j.lease_owner, "next_attempt_at": j.next_attempt_at}
+            for j, path in s.execute(
+                select(Job, Image.path).join(Image).where(Job.state.in_(JobState.ACTIVE)).order_by(Job.id).limit(50)
+            ).all()
+        ]
+        failures = [
+            {"job": j.id, "image": path, "error": j.error, "plugin": j.error_plugin, "finished_at": j.finished_at}
+            for j, path in s.execute(
+                select(Job, Image.path).join(Image).where(Job.state == JobState.FAILED)
+                .order_by(Job.finished_at.desc(), Job.id.desc()).limit(recent)
+            ).all()
+        ]
+        objects = s.scalar(select(func.coalesce(func.sum(Result.object_count), 0)))
+    return {"images": images, "jobs": jobs, "objects_found": int(objects or 0),
+            "queue": queue, "recent_failures": failures}
+
+
+def list_images(catalog: Catalog, status: str | None = None, contains: str | None = None,
+                limit: int = 200) -> list[dict[str, Any]]:
+    """Images with their latest job's result, newest first."""
+    with catalog.session() as s:
+        query = select(Image).order_by(Image.updated_at.desc()).limit(limit)
+        if status:
+            query = query.where(Image.status == status)
+        if contains:
+            query = query.where(Image.path.contains(contains, autoescape=True))
+        rows = []
+        for image in s.scalars(query):
+            latest = image.jobs[-1] if image.jobs else None
+            result = latest.result if latest is not None else None
+            rows.append({
+                "path": image.path, "status": image.status, "shape": image.shape, "axes": image.axes,
+                "ngff": image.ngff_version, "objects": result.object_count if result else None,
+                "segmenter": result.segmenter if result else None,
+                "seconds": round(latest.seconds, 3) if latest and latest.seconds else None,
+                "labels": result.labels_path if result else None, "error": image.error,
+                "updated_at": image.updated_at,
+            })
+    return rows
+
+
+def print_status(report: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    counts = Table(title="cellseg1d catalog")
+    counts.add_column("images")
+    counts.add_column("count", justify="right")
+    for key in ("queued", "processing", "done", "failed"):
+        counts.add_row(key, str(report["images"].get(key, 0)))
+    counts.add_row("objects found", str(report["objects_found"]))
+    console.print(counts)
+    if report["queue"]:
+        queue = Table(title="queue")
+        for col in ("job", "state", "attempts", "image"):
+            queue.add_column(col)
+        for row in report["queue"]:
+            queue.add_row(str(row["job"]), row["state"], str(row["attempts"]), row["image"])
+        console.print(queue)
+    if report["recent_failures"]:
+        fails = Table(title="recent failures")
+        fails.add_column("image", overflow="fold")
+        fails.add_column("error", overflow="fold")
+        for row in report["recent_failures"]:
+            fails.add_row(row["image"], (f"[{row['plugin']}] " if row["plugin"] else "") + (row["error"] or ""))
+        console.print(fails)
+
+
+def print_images(rows: list[dict[str, Any]], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title=f"{len(rows)} image(s)")
+    for col in ("image", "status", "objects", "segmenter", "seconds", "labels / error"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(
+            row["path"], row["status"], "" if row["objects"] is None else str(row["objects"]),
+            row["segmenter"] or "", "" if row["seconds"] is None else f"{row['seconds']:.2f}",
+            row["labels"] or row["error"] or "",
+        )
+    console.print(table)

@@ -1,0 +1,51 @@
+"""Shared fixtures: real OME-Zarr images on disk and daemon subprocesses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg1d.synthetic import make_czyx, write_ome_zarr
+from tests.helpers import DaemonProcess
+
+
+@pytest.fixture
+def acquisition(tmp_path: Path) -> Path:
+    """An empty acquisition folder to watch."""
+    folder = tmp_path / "acquisition"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def make_image() -> Iterator:
+    """Factory: write a synthetic 2-channel OME-Zarr image, return (path, true mask)."""
+
+    def _make(path: Path, *, ngff_version: str = "0.5", size: int = 128, n_cells: int = 12,
+              seed: int = 0, axes: str = "czyx", **kwargs) -> tuple[Path, np.ndarray]:
+        data, mask = make_czyx((size, size), n_cells, seed=seed)
+        # data is (t, c, z, y, x): keep the requested axes
+        index = tuple(slice(None) if a in axes else 0 for a in "tczyx")
+        write_ome_zarr(path, data[index], axes=axes, ngff_version=ngff_version,
+                       channel_names=["nuclei", "membrane"][: data.shape[1]] if "c" in axes else None, **kwargs)
+        return path, mask
+
+    yield _make
+
+
+@pytest.fixture
+def daemons() -> Iterator:
+    """Factory for daemon subprocesses; every one still running is killed at teardown."""
+    started: list[DaemonProcess] = []
+
+    def _start(state_dir: Path, *args: str, env: dict[str, str] | None = None) -> DaemonProcess:
+        d = DaemonProcess(state_dir, list(args), env).start()
+        started.append(d)
+        return d
+
+    yield _start
+    for d in started:
+        d.kill()
