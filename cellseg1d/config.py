@@ -81,6 +81,11 @@ class ReadinessSettings(_Section):
     #: the fill value; some writers pad mosaics that way). Off: a missing chunk
     #: after the settle time means a truncated image and fails it.
     allow_missing_chunks: bool = False
+    #: A quiet image whose arrays still miss chunks is treated as still being
+    #: acquired (e.g. a time-lapse between time points) for this long; after
+    #: that it is recorded as failed (truncated). It is processed whenever the
+    #: missing chunks arrive, even later.
+    incomplete_after_seconds: float = Field(3600.0, ge=0)
 
 
 class SegmentationSettings(_Section):

@@ -18,7 +18,6 @@ import socket
 import threading
 import time
 import traceback
-import warnings
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -251,14 +250,6 @@ class Daemon:
         settings = self.config.readiness
         try:
             image = open_image(cand.image)
-            if not settings.allow_missing_chunks:
-                missing, total = image.missing_chunks()
-                if missing:
-                    raise ImageError(
-                        f"{image.path / image.levels[0].path}: {missing} of {total} chunks are missing "
-                        "(truncated copy or interrupted acquisition?). If your writer skips empty "
-                        "chunks, set readiness.allow_missing_chunks = true"
-                    )
         except ImageError as err:
             cand.failures += 1
             if cand.failures < 2:
@@ -268,6 +259,23 @@ class Daemon:
             self._reject(cand.image, cand.container, cand.root_index, str(err), None)
             self.tracker.settled(cand)
             return
+        if not settings.allow_missing_chunks:
+            missing, total = image.missing_chunks()
+            if missing:
+                quiet_for = time.time() - (cand.signature.newest_mtime if cand.signature else 0.0)
+                if quiet_for < settings.incomplete_after_seconds:
+                    self._log_waiting(cand, f"{missing} of {total} chunks not written yet")
+                    self.tracker.postpone(cand, min(30.0, settings.incomplete_after_seconds - quiet_for))
+                    return
+                self._reject(
+                    cand.image, cand.container, cand.root_index,
+                    f"{image.path / image.levels[0].path}: {missing} of {total} chunks are missing and "
+                    f"nothing changed for {quiet_for:.0f} s (truncated copy or aborted acquisition?). "
+                    "If your writer skips empty chunks, set readiness.allow_missing_chunks = true",
+                    None, image,
+                )
+                self.tracker.settled(cand)
+                return
         query = ReadinessQuery(image, cand.container, settings.settle_seconds, settings)
         try:
             ready = self.pm.hook.image_ready(query=query)
@@ -279,10 +287,8 @@ class Daemon:
             self.tracker.settled(cand)
             return
         if ready is False:
-            if cand.image not in self._waiting_logged:
-                log.info("%s is quiet but not marked complete yet; waiting", cand.image)
-                self._waiting_logged.add(cand.image)
-            self.tracker.postpone(cand, max(2.0, settings.settle_seconds))
+            self._log_waiting(cand, "not marked complete yet")
+            self.tracker.postpone(cand, min(30.0, max(2.0, settings.settle_seconds)))
             return
         self._waiting_logged.discard(cand.image)
         job_id = self.queue.enqueue(self._facts(cand.image, cand.container, cand.root_index, image),
@@ -291,6 +297,11 @@ class Daemon:
         if job_id is not None:
             log.info("queued %s (job %d)", cand.image, job_id)
             self.work_event.set()
+
+    def _log_waiting(self, cand: Candidate, why: str) -> None:
+        if cand.image not in self._waiting_logged:
+            log.info("%s is quiet but %s; waiting", cand.image, why)
+            self._waiting_logged.add(cand.image)
 
     # -- working --------------------------------------------------------------
 
@@ -373,7 +384,5 @@ def configure_logging(level: str) -> None:
         level=getattr(logging, level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # watchdog warns when a watched folder is renamed (our label staging rename); harmless.
-    warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"watchdog\.observers\.inotify")
     for noisy in ("watchdog", "alembic", "numcodecs", "zarr", "asyncio"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))

@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,9 @@ from cellseg1d.ngff.discover import (
 )
 
 log = logging.getLogger(__name__)
+# watchdog warns when a watched folder is renamed onto a re-used inotify watch
+# (our label staging rename does that); the watch is replaced, nothing is lost.
+warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,7 @@ class ImageTracker:
                     cand = self._candidates.get(image)
                     if cand is not None:
                         cand.last_change = now
+                        cand.next_check = 0.0  # changed: look again once it is quiet
 
     def rescan(self) -> int:
         """Walk every root for containers; known ones are re-examined too. Returns how many."""
