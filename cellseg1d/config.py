@@ -39,12 +39,19 @@ class WatchRoot(_Section):
     output: Literal["in_place", "mirror"] = "in_place"
     mirror_root: Path | None = None
 
+    @field_validator("path", "mirror_root")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        # Absolute and free of symlinks, so event paths, catalog paths and
+        # output paths all agree whatever the daemon's working directory is.
+        return None if value is None else value.expanduser().resolve()
+
     @model_validator(mode="after")
     def _check_mirror(self) -> WatchRoot:
         if self.output == "mirror" and self.mirror_root is None:
             raise ValueError("output = 'mirror' needs mirror_root = '<folder for the labels>'")
         if self.mirror_root is not None:
-            root, mirror = self.path.resolve(), self.mirror_root.resolve()
+            root, mirror = self.path, self.mirror_root
             if mirror == root or root in mirror.parents:
                 raise ValueError(
                     f"mirror_root {self.mirror_root} lies inside the watched folder {self.path}; "
@@ -146,6 +153,11 @@ class Config(_Section):
     plugins: PluginSettings = Field(default_factory=PluginSettings)
     #: Settings for third-party plugins, one table per plugin name; passed as-is.
     plugin_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute_state_dir(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
 
     @property
     def catalog_url(self) -> str:
