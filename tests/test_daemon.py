@@ -168,3 +168,32 @@ def test_status_and_images_commands(tmp_path: Path, acquisition: Path, daemons, 
     missing = subprocess.run([sys.executable, "-m", "cellseg1d", "status", "--state-dir", str(tmp_path / "none")],
                              capture_output=True, text=True, timeout=60, cwd=REPO)
     assert missing.returncode == 2 and "no catalog" in missing.stderr
+
+
+def test_sigterm_finishes_current_image_second_signal_releases(tmp_path: Path, acquisition: Path, daemons) -> None:
+    data, _ = make_czyx((256, 256), 20, n_z=30, seed=4)
+    first = write_ome_zarr(acquisition / "a.zarr", data[0], axes="czyx", n_levels=1)
+    state = tmp_path / "state"
+    daemon = daemons(state, "--watch", str(acquisition), "--settle-seconds", "0.2")
+    wait_for(lambda: image_status(state).get(str(first)) == "processing", 30, what="first job running")
+    assert daemon.stop() == 0  # one SIGTERM: the image in progress is finished
+    assert image_status(state)[str(first)] == "done"
+    assert (first / "labels" / "cellseg1d").is_dir()
+
+    second = write_ome_zarr(acquisition / "b.zarr", data[0], axes="czyx", n_levels=1)
+    daemon = daemons(state, "--watch", str(acquisition), "--settle-seconds", "0.2")
+    wait_for(lambda: image_status(state).get(str(second)) == "processing", 30, what="second job running")
+    daemon.proc.send_signal(__import__("signal").SIGTERM)
+    time.sleep(0.2)
+    assert daemon.stop() == 0  # a second signal aborts: the job is given back, nothing published
+    assert image_status(state)[str(second)] == "queued"
+    assert not (second / "labels" / "cellseg1d").exists()
+    assert [j[:2] for j in jobs_for(state, str(second))] == [("queued", 0)]
+
+
+def test_polling_mode_finds_images(tmp_path: Path, acquisition: Path, daemons, make_image) -> None:
+    state = tmp_path / "state"
+    daemon = daemons(state, "--watch", str(acquisition), "--settle-seconds", "0.5", "--polling")
+    assert "polling" in daemon.log()
+    image, _ = make_image(acquisition / "share" / "img.zarr")
+    wait_for(lambda: str(image) in done_images(state), 40, what="image found by polling")
