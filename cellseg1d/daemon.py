@@ -92,10 +92,10 @@ class Heartbeat(threading.Thread):
         super().__init__(name=f"heartbeat-{job.job_id}", daemon=True)
         self.queue, self.job, self.interval = queue, job, interval
         self.lost = False
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._halt.wait(self.interval):
             try:
                 if not self.queue.heartbeat(self.job.job_id):
                     self.lost = True
@@ -104,7 +104,7 @@ class Heartbeat(threading.Thread):
                 log.warning("lease heartbeat for job %d failed: %s", self.job.job_id, err)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
 
 class Daemon:
@@ -123,7 +123,14 @@ class Daemon:
             self.catalog = Catalog(config.catalog_url)
             self.catalog.migrate()
             self.pm = build_plugin_manager(config.plugins.enable, config.plugins.disable, extra_plugins)
+            if not self.pm.hook.segment.get_hookimpls():
+                raise ConfigError(
+                    "no segmenter: every plugin implementing 'segment' is disabled. Remove "
+                    "'classical' from plugins.disable or enable a model plugin in plugins.enable"
+                )
         except BaseException:
+            if hasattr(self, "catalog"):
+                self.catalog.close()
             self.lock.release()
             raise
         self.node_id = f"{socket.gethostname()}:{config.state_dir.resolve()}"
@@ -310,6 +317,7 @@ class Daemon:
 
     def _worker_loop(self) -> None:
         while not self.stop_event.is_set():
+            self.work_event.clear()  # before claiming, so a wake-up during the claim is not lost
             try:
                 job = self.queue.claim()
             except Exception as err:
@@ -318,7 +326,6 @@ class Daemon:
                 continue
             if job is None:
                 self.work_event.wait(1.0)
-                self.work_event.clear()
                 continue
             try:
                 self._process(job)
@@ -345,8 +352,11 @@ class Daemon:
             self.queue.release(job)
             log.warning("released job %d unfinished: %s", job.job_id, err)
             return
-        except (ImageError, PluginError) as err:
-            self._failed(job, str(err), permanent=True, plugin=getattr(err, "plugin", None))
+        except ImageError as err:
+            self._failed(job, str(err), permanent=True, plugin=None)
+            return
+        except PluginError as err:
+            self._failed(job, str(err), permanent=not err.transient, plugin=err.plugin)
             return
         except Exception as err:
             log.debug("job %d traceback:\n%s", job.job_id, traceback.format_exc())

@@ -26,9 +26,11 @@ class CatalogError(CellsegError):
 class PluginError(CellsegError):
     """A plugin raised or returned something invalid; the message names the plugin."""
 
-    def __init__(self, plugin: str, hook: str, message: str) -> None:
+    def __init__(self, plugin: str, hook: str, message: str, *, transient: bool = False) -> None:
         self.plugin = plugin
         self.hook = hook
+        #: True for storage errors (OSError) raised inside the plugin: worth a retry.
+        self.transient = transient
         super().__init__(f"plugin '{plugin}' failed in hook '{hook}': {message}")
 
 

@@ -132,8 +132,9 @@ def export(image: Any, labels: LabelsView, context: ExportContext) -> dict[str, 
 def image_done(image_path: str, result: dict[str, Any]) -> None:
     """An image was processed and its result committed to the catalog.
 
-    ``result`` holds ``labels_path``, ``object_count``, ``segmenter``,
-    ``seconds`` and the export records. Use it to notify (chat, LIMS, ...).
+    ``result`` holds ``labels_path``, ``object_count``, ``planes``,
+    ``segmenter``, ``seconds`` and ``exports`` (``exports["records"]`` are
+    the export hooks' answers). Use it to notify (chat, LIMS, ...).
     Exceptions here are logged and otherwise ignored.
     """
 

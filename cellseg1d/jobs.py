@@ -230,7 +230,7 @@ class JobQueue:
             give_up = attempts >= self.max_attempts
             error = (
                 f"interrupted {attempts} time(s) while processing (the daemon crashed or was "
-                "killed); giving up. Check the daemon log, then `cellseg1d retry`."
+                "killed); giving up. Check the daemon log for the cause."
                 if give_up else None
             )
             s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING).values(

@@ -42,6 +42,8 @@ class PipelineResult:
     experiment: str
     exports: list[dict[str, Any]] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
+    #: The segmenter's ``details`` for the first plane (model versions, parameters).
+    segmentation: dict[str, Any] = field(default_factory=dict)
 
     def catalog_fields(self) -> dict[str, Any]:
         return {
@@ -51,7 +53,10 @@ class PipelineResult:
             "segmenter": self.segmenter,
             "cellseg1d_version": __version__,
             "pipeline_version": PIPELINE_VERSION,
-            "exports": {"records": self.exports, "experiment": self.experiment, "timings": self.timings},
+            "exports": {
+                "records": self.exports, "experiment": self.experiment,
+                "timings": self.timings, "segmentation": self.segmentation,
+            },
         }
 
 
@@ -84,8 +89,13 @@ def pixel_size(image: OmeImage) -> tuple[float, float] | None:
 def _call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
     try:
         return getattr(pm.hook, name)(**kwargs)
-    except (ImageError, JobAborted, OSError):
+    except (ImageError, JobAborted):
         raise
+    except OSError as err:
+        plugin = plugin_at_fault(pm, name, err)
+        if plugin is None:
+            raise  # storage trouble in cellseg1d itself: transient, retried
+        raise PluginError(plugin, name, f"{type(err).__name__}: {err}", transient=True) from err
     except Exception as err:
         plugin = plugin_at_fault(pm, name, err) or "unknown"
         raise PluginError(plugin, name, f"{type(err).__name__}: {err}") from err
@@ -108,14 +118,26 @@ def _check_labels(seg: Any, shape: tuple[int, int]) -> np.ndarray:
 
 def relabel_sequential(labels: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
     """Map the non-zero values of ``labels`` to ``offset+1 .. offset+n``; return (labels, n)."""
+    top = int(labels.max()) if labels.size else 0
+    if top == 0:
+        return np.zeros(labels.shape, np.uint32), 0
+    if top <= 4 * labels.size:
+        # Look-up table from bincount: linear time, no sort of every pixel.
+        present = np.bincount(labels.ravel(), minlength=top + 1)[1:] > 0
+        n = int(present.sum())
+        if n == top:  # already 1..N (most segmenters): just shift
+            out = labels.astype(np.uint32)
+            if offset:
+                out[out > 0] += np.uint32(offset)
+            return out, n
+        lut = np.zeros(top + 1, np.uint32)
+        lut[1:][present] = np.arange(offset + 1, offset + n + 1, dtype=np.uint32)
+        return lut[labels], n
     values = np.unique(labels)
     values = values[values != 0]
-    if values.size == 0:
-        return np.zeros(labels.shape, np.uint32), 0
     out = np.zeros(labels.shape, np.uint32)
-    index = np.searchsorted(values, labels)
     mask = labels != 0
-    out[mask] = (index[mask] + 1 + offset).astype(np.uint32)
+    out[mask] = (np.searchsorted(values, labels[mask]) + 1 + offset).astype(np.uint32)
     return out, int(values.size)
 
 
@@ -155,6 +177,7 @@ class Pipeline:
         )
         try:
             segmenters: set[str] = set()
+            details: dict[str, Any] = {}
             n_objects = 0
             planes = list(image.planes())
             yx_shape = (image.size("y"), image.size("x"))
@@ -179,6 +202,7 @@ class Pipeline:
                 labels, n = relabel_sequential(labels, n_objects)
                 n_objects += n
                 segmenters.add(seg.segmenter)
+                details = details or dict(seg.details)
                 t2 = time.perf_counter()
                 staged.write_plane(t, z, labels)
                 t3 = time.perf_counter()
@@ -213,4 +237,5 @@ class Pipeline:
         return PipelineResult(
             labels_path=str(final), object_count=n_objects, planes=len(planes),
             segmenter=segmenter, experiment=experiment, exports=exports, timings=timings,
+            segmentation=details,
         )

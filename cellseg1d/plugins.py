@@ -61,11 +61,27 @@ def build_plugin_manager(
             plugin = available[name].load()
         except Exception as err:  # a broken plugin package must not take the daemon down obscurely
             raise ConfigError(f"setting plugins.enable: plugin '{name}' failed to import: {err!r}") from None
-        pm.register(plugin, name=name)
+        _register(pm, plugin, name)
         log.info("loaded plugin %s from %s", name, available[name].value)
     for plugin in extra:
-        pm.register(plugin)
+        _register(pm, plugin, None)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise ConfigError(
+            f"plugin '{pm.get_name(err.plugin)}' implements a hook cellseg1d does not have ({err}); "
+            "check the spelling against cellseg1d/hookspecs.py"
+        ) from None
     return pm
+
+
+def _register(pm: pluggy.PluginManager, plugin: Any, name: str | None) -> None:
+    try:
+        pm.register(plugin, name=name)
+    except pluggy.PluginValidationError as err:
+        raise ConfigError(
+            f"setting plugins.enable: plugin '{name or plugin}' does not fit the cellseg1d hooks: {err}"
+        ) from None
 
 
 def plugin_at_fault(pm: pluggy.PluginManager, hook_name: str, exc: BaseException) -> str | None:

@@ -52,7 +52,8 @@ class Segmentation:
     labels: np.ndarray
     #: Which segmenter produced it, e.g. ``"classical"`` or ``"sam-lora:vit_b/exp1@3"``.
     segmenter: str
-    #: Optional details recorded with the result (model versions, scores, ...).
+    #: Optional JSON-able details (model versions, parameters); those of the first
+    #: plane are stored in the catalog's result row under ``exports["segmentation"]``.
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -111,4 +112,15 @@ class ExportContext:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+        if self._pending:
+            # Remove folders atomic_path created that are now empty.
+            folder = self.output_dir
+            while folder != folder.parent:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                if folder.name.endswith(".cellseg1d"):
+                    break
+                folder = folder.parent
         self._pending.clear()

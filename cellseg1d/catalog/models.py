@@ -118,7 +118,7 @@ class Result(Base):
     segmenter: Mapped[str] = mapped_column(String(200))
     cellseg1d_version: Mapped[str] = mapped_column(String(32))
     pipeline_version: Mapped[str] = mapped_column(String(32))
-    #: What each export plugin reported (plugin name -> record).
+    #: ``{"records": [export hook answers], "experiment": ..., "timings": {...}, "segmentation": details}``.
     exports: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime]
 

@@ -30,7 +30,7 @@ import zarr
 
 from cellseg1d.errors import ImageError
 from cellseg1d.ngff.names import check_output_name
-from cellseg1d.ngff.reader import OmeImage, ome_attributes, read_group_attributes
+from cellseg1d.ngff.reader import OmeImage, load_json, ome_attributes, read_group_attributes
 
 LABEL_DTYPE = np.dtype("uint32")
 #: Label images with more objects than this get no per-label colour table.
@@ -86,24 +86,39 @@ def ensure_group(path: Path, zarr_format: int, ngff_version: str) -> None:
         _write_json_atomic(path / ".zgroup", {"zarr_format": 2})
 
 
+def _labels_list(labels_dir: Path, zarr_format: int, ngff_version: str) -> tuple[Path, dict[str, Any], list[Any]]:
+    """``(metadata file, its document, the labels list in it)`` of an existing labels group.
+
+    Raises ImageError naming the file when it is unreadable or its ``labels`` is not a list
+    (a foreign or damaged labels group), so that nothing is written into it.
+    """
+    if zarr_format == 3:
+        meta = labels_dir / "zarr.json"
+        doc = load_json(meta)
+        attrs = doc.setdefault("attributes", {})
+        ome = attrs.setdefault("ome", {"version": ngff_version}) if isinstance(attrs, dict) else None
+        if not isinstance(ome, dict):
+            raise ImageError(f"invalid labels group metadata in {meta}: 'attributes.ome' is not an object")
+        owner = ome
+    else:
+        meta = labels_dir / ".zattrs"
+        doc = load_json(meta) if meta.is_file() else {}
+        owner = doc
+    names = owner.setdefault("labels", [])
+    if not isinstance(names, list):
+        raise ImageError(
+            f"invalid labels group metadata in {meta}: 'labels' is {type(names).__name__}, not a list"
+        )
+    return meta, doc, names
+
+
 def register_label_name(labels_dir: Path, name: str, zarr_format: int, ngff_version: str) -> None:
     """Add ``name`` to the ``labels`` list of the labels group (once), keeping other entries."""
     ensure_group(labels_dir, zarr_format, ngff_version)
-    if zarr_format == 3:
-        doc = json.loads((labels_dir / "zarr.json").read_text())
-        attrs = doc.setdefault("attributes", {})
-        ome = attrs.setdefault("ome", {"version": ngff_version})
-        names = ome.setdefault("labels", [])
-        if name not in names:
-            names.append(name)
-            _write_json_atomic(labels_dir / "zarr.json", doc)
-    else:
-        attrs_file = labels_dir / ".zattrs"
-        attrs = json.loads(attrs_file.read_text()) if attrs_file.is_file() else {}
-        names = attrs.setdefault("labels", [])
-        if name not in names:
-            names.append(name)
-            _write_json_atomic(attrs_file, attrs)
+    meta, doc, names = _labels_list(labels_dir, zarr_format, ngff_version)
+    if name not in names:
+        names.append(name)
+        _write_json_atomic(meta, doc)
 
 
 def cleanup_staging(labels_dir: Path, name: str) -> list[Path]:
@@ -169,6 +184,8 @@ class StagedLabels:
         if target.base != image.path:
             ensure_group(target.base, image.zarr_format, image.ngff_version)
         ensure_group(target.labels_dir, image.zarr_format, image.ngff_version)
+        # A damaged labels group must fail the job now, not after publishing the label image.
+        _labels_list(target.labels_dir, image.zarr_format, image.ngff_version)
         cleanup_staging(target.labels_dir, target.name)
         staging = target.labels_dir / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
         staged = cls(image, target, staging)
@@ -198,20 +215,37 @@ class StagedLabels:
     def _plane_selection(self, t: int, z: int) -> tuple[Any, ...]:
         return tuple(t if a == "t" else z if a == "z" else slice(None) for a in self.axes)
 
+    def _index_maps(self, level: zarr.Array) -> list[np.ndarray]:
+        """Nearest-neighbour index maps from ``level`` back to full resolution, per axis."""
+        return [
+            np.minimum((np.arange(n) * (n0 / n)).astype(np.int64), n0 - 1)
+            for n0, n in zip(self._levels[0].shape, level.shape, strict=True)
+        ]
+
+    def _planewise(self, level: zarr.Array) -> bool:
+        """Whether ``level`` keeps every (t, z) plane, so it can be written plane by plane."""
+        return all(n == n0 for a, n, n0 in zip(self.axes, level.shape, self._levels[0].shape, strict=True)
+                   if a in "tz")
+
     def write_plane(self, t: int, z: int, labels: np.ndarray) -> None:
-        """Store the (Y, X) label plane for time point ``t`` and z slice ``z``."""
+        """Store the (Y, X) label plane for time point ``t`` and z slice ``z`` (and its downsampled copies)."""
         if self.axes.index("y") > self.axes.index("x"):
             labels = labels.T
-        self._levels[0][self._plane_selection(t, z)] = labels.astype(LABEL_DTYPE, copy=False)
+        labels = labels.astype(LABEL_DTYPE, copy=False)
+        selection = self._plane_selection(t, z)
+        self._levels[0][selection] = labels
+        for level in self._levels[1:]:
+            if self._planewise(level):
+                maps = [m for a, m in zip(self.axes, self._index_maps(level), strict=True) if a not in "tz"]
+                level[selection] = labels[maps[0]][:, maps[1]]
 
     def _build_pyramid(self) -> None:
+        """Fill levels that also downsample t or z (3-D pyramids) from full resolution."""
         base = self._levels[0]
         for level in self._levels[1:]:
-            # Nearest-neighbour index maps from each level back to full resolution.
-            maps = [
-                np.minimum((np.arange(n) * (n0 / n)).astype(np.int64), n0 - 1)
-                for n0, n in zip(base.shape, level.shape, strict=True)
-            ]
+            if self._planewise(level):
+                continue  # written with each plane
+            maps = self._index_maps(level)
             t_n = level.shape[self.axes.index("t")] if "t" in self.axes else 1
             z_n = level.shape[self.axes.index("z")] if "z" in self.axes else 1
             for t in range(t_n):

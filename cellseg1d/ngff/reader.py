@@ -186,9 +186,11 @@ class OmeImage:
                 kept.append(axis)
         try:
             data = np.asarray(level.array.oindex[tuple(selection)])
-        except OSError:
-            raise  # storage trouble (network share, disk): transient, the job is retried
         except Exception as err:
+            if isinstance(err, OSError) and err.errno is not None:
+                raise  # storage trouble (network share, disk): transient, the job is retried
+            # Codecs raise anything on bad bytes; gzip even an OSError without errno
+            # (gzip.BadGzipFile), which is bad data, not storage trouble.
             raise ImageError(
                 f"cannot read plane t={t} z={z} of {self.path / level.path}: "
                 f"{type(err).__name__}: {err} (corrupt or truncated chunk?)"
