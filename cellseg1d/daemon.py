@@ -277,7 +277,8 @@ class Daemon:
                 self._reject(
                     cand.image, cand.container, cand.root_index,
                     f"{image.path / image.levels[0].path}: {missing} of {total} chunks are missing and "
-                    f"nothing changed for {quiet_for:.0f} s (truncated copy or aborted acquisition?). "
+                    f"nothing changed for {settings.incomplete_after_seconds:.0f} s "
+                    "(readiness.incomplete_after_seconds; truncated copy or aborted acquisition?). "
                     "If your writer skips empty chunks, set readiness.allow_missing_chunks = true",
                     None, image,
                 )

@@ -168,6 +168,8 @@ class StagedLabels:
         self.image = image
         self.target = target
         self.staging = staging
+        #: Whether this job created the ``labels`` group (removed again on failure if empty).
+        self.made_labels_group = False
         self.c_index = image.axes.index("c") if "c" in image.axes else None
         self.axes = tuple(a for a in image.axes if a != "c")
         self._levels: list[zarr.Array] = []
@@ -183,12 +185,14 @@ class StagedLabels:
             )
         if target.base != image.path:
             ensure_group(target.base, image.zarr_format, image.ngff_version)
+        made_labels_group = not target.labels_dir.exists()
         ensure_group(target.labels_dir, image.zarr_format, image.ngff_version)
         # A damaged labels group must fail the job now, not after publishing the label image.
         _labels_list(target.labels_dir, image.zarr_format, image.ngff_version)
         cleanup_staging(target.labels_dir, target.name)
         staging = target.labels_dir / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
         staged = cls(image, target, staging)
+        staged.made_labels_group = made_labels_group
         staged._create_arrays()
         return staged
 
@@ -300,5 +304,9 @@ class StagedLabels:
         return plane.T if self.axes.index("y") > self.axes.index("x") else plane
 
     def discard(self) -> None:
-        """Remove the staged label image (after a failure)."""
+        """Remove the staged label image (after a failure), and a labels group this job created."""
         shutil.rmtree(self.staging, ignore_errors=True)
+        labels_dir = self.target.labels_dir
+        metadata = {"zarr.json", ".zgroup", ".zattrs"}
+        if self.made_labels_group and labels_dir.is_dir() and not set(os.listdir(labels_dir)) - metadata:
+            shutil.rmtree(labels_dir, ignore_errors=True)

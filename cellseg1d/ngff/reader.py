@@ -217,8 +217,12 @@ def _check_axes(path: Path, axes_meta: Any) -> tuple[tuple[str, ...], list[dict[
         )
     if len(set(names)) != len(names):
         raise ImageError(f"{path}: repeated axis names in {list(names)}")
-    if "y" not in names or "x" not in names:
-        raise ImageError(f"{path}: axes {list(names)} lack 'y' and 'x'; a 2-D image plane is needed")
+    missing = [a for a in "yx" if a not in names]
+    if missing:
+        raise ImageError(
+            f"{path}: axes {list(names)} lack {' and '.join(repr(a) for a in missing)}; "
+            "a 2-D (y, x) image plane is needed"
+        )
     return names, axes_meta
 
 

@@ -1,0 +1,285 @@
+"""Malformed OME-Zarr input: every kind ends as a clear ImageError, never a crash.
+
+Three levels:
+
+* unit: ``open_image`` / ``missing_chunks`` / ``read_plane`` / ``Pipeline.run`` on
+  each kind of bad input (see tests/badinput.py) raise ImageError naming the
+  file or folder at fault and the problem, and leave the source untouched;
+* readiness: the daemon's ``_consider`` (in-process) records each image that
+  fails at readiness as a failed job with that message;
+* daemon (slow): one ``cellseg1d run`` subprocess with every bad container and
+  some good images arriving before and after it starts.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cellseg1d.config import build_config
+from cellseg1d.errors import ImageError
+from cellseg1d.ngff.discover import list_images
+from cellseg1d.ngff.reader import open_image
+from cellseg1d.pipeline import Pipeline
+from cellseg1d.plugins import build_plugin_manager
+from tests import badinput
+from tests.badinput import CASES, GOOD_CONTROLS, KINDS, BadInput
+from tests.helpers import image_status, jobs_for, wait_for
+
+def case_id(case: tuple[str, str]) -> str:
+    return f"{case[0]}-v{case[1]}"
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """Relative path -> sha256 of every file under ``folder`` (links not followed)."""
+    out = {}
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in files:
+            p = Path(dirpath) / name
+            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def assert_unchanged_but_labels_group(folder: Path, before: dict[str, str]) -> None:
+    """Nothing under ``folder`` changed: a failed job removes even the labels group it created."""
+    after = tree_hashes(folder)
+    changed = sorted(k for k in before if after.get(k) != before[k])
+    added = sorted(set(after) - set(before))
+    assert not changed, f"{folder}: files changed or removed: {changed}"
+    assert not added, f"{folder}: unexpected new files: {added}"
+    labels = folder / "labels"
+    if labels.is_dir():
+        leftovers = [p.name for p in labels.iterdir() if p.is_dir()]
+        assert not leftovers, f"{folder}: label folders left behind: {leftovers}"
+
+
+def make_pipeline(tmp_path: Path, root: Path) -> tuple[Pipeline, object]:
+    config = build_config({"state_dir": str(tmp_path / "state"), "watch": {"roots": [{"path": str(root)}]}})
+    return Pipeline(config, build_plugin_manager()), config.watch.roots[0]
+
+
+# --------------------------------------------------------------------------
+# Unit level
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_bad_input_raises_clear_image_error(tmp_path: Path, case: tuple[str, str]) -> None:
+    kind, version = case
+    bad: BadInput = KINDS[kind](tmp_path, version)
+    before = tree_hashes(bad.path)
+    pipeline, root = make_pipeline(tmp_path, tmp_path)
+
+    if bad.stage in ("open", "list"):
+        with pytest.raises(ImageError) as err:
+            open_image(bad.path)
+        bad.check_message(str(err.value))
+    if bad.stage == "list":
+        assert list_images(bad.path) == []  # the container holds no image at all
+    if bad.stage in ("chunks", "read", "job"):
+        image = open_image(bad.path)  # metadata is fine ...
+        assert image.fingerprint
+        missing, total = image.missing_chunks()
+        if bad.stage == "chunks":  # ... but 3 of the 8 level-0 chunks are gone
+            assert (missing, total) == (3, 8)
+        else:
+            assert missing == 0
+    if bad.stage == "read":  # ... but the pixels of channel 0, plane (0, 0) cannot be decoded
+        with pytest.raises(ImageError) as err:
+            image.read_plane(0, 0, [0])
+        bad.check_message(str(err.value))
+        assert "t=0 z=0" in str(err.value)
+
+    if bad.stage == "chunks":
+        # Missing chunks read as the fill value (they may be skipped empty chunks, see
+        # readiness.allow_missing_chunks); the daemon rejects them at readiness instead.
+        result = pipeline.run(bad.path, root, bad.path)
+        assert result.planes == 1
+        return
+    with pytest.raises(ImageError) as err:
+        pipeline.run(bad.path, root, bad.path)
+    bad.check_message(str(err.value))
+    assert_unchanged_but_labels_group(bad.path, before)
+
+
+def test_float32_is_a_valid_input(tmp_path: Path) -> None:
+    """Positive control for the dtype cases: float32 pixels (0..1) are segmented."""
+    pipeline, root = make_pipeline(tmp_path, tmp_path)
+    for version in ("0.4", "0.5"):
+        path = GOOD_CONTROLS["float32"](tmp_path, version)
+        image = open_image(path)
+        assert image.dtype == np.float32
+        plane = image.read_plane(0, 0, [0])
+        assert plane.dtype == np.float32 and plane.shape == (1, badinput.SIZE, badinput.SIZE)
+        result = pipeline.run(path, root, path)
+        # Every one of the well-separated synthetic cells is found (as with uint16).
+        assert result.object_count == badinput.N_CELLS
+        assert (path / "labels" / "cellseg1d").is_dir()
+
+
+def test_corrupt_chunk_does_not_hide_other_planes(tmp_path: Path) -> None:
+    """Only the plane whose chunk is bad fails; the others read fine."""
+    bad = KINDS["corrupt_chunk"](tmp_path, "0.5")
+    image = open_image(bad.path)
+    assert image.read_plane(0, 0, [1]).shape == (1, badinput.SIZE, badinput.SIZE)  # channel 1 is intact
+    with pytest.raises(ImageError):
+        image.read_plane(0, 0, [1, 0])
+
+
+def test_storage_error_stays_transient(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An OSError with an errno (disk, network share) is not turned into a permanent ImageError."""
+    from zarr.storage import LocalStore
+
+    path = badinput.good_image(tmp_path / "img.zarr", "0.5", chunks=(1, 1, 32, 32))
+    image = open_image(path)
+
+    async def failing_get(self, key, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error", key)
+
+    monkeypatch.setattr(LocalStore, "get", failing_get)
+    with pytest.raises(OSError) as err:
+        image.read_plane(0, 0, [0])
+    assert err.value.errno == errno.EIO and not isinstance(err.value, ImageError)
+
+
+def test_bad_labels_group_is_not_published_into(tmp_path: Path) -> None:
+    """A damaged labels group fails the job before any label image is moved into it."""
+    for version in ("0.4", "0.5"):
+        bad = KINDS["bad_labels_group"](tmp_path, version)
+        pipeline, root = make_pipeline(tmp_path, tmp_path)
+        with pytest.raises(ImageError):
+            pipeline.run(bad.path, root, bad.path)
+        assert sorted(p.name for p in (bad.path / "labels").iterdir()) == sorted(
+            [".zgroup", ".zattrs"] if version == "0.4" else ["zarr.json"]
+        )
+
+
+# --------------------------------------------------------------------------
+# Readiness (in-process daemon, no subprocess)
+# --------------------------------------------------------------------------
+
+
+def test_readiness_rejects_bad_images_as_failed_jobs(tmp_path: Path) -> None:
+    """Daemon._consider records every image that fails at readiness as a failed job."""
+    from cellseg1d.daemon import Daemon
+    from cellseg1d.watch import Candidate, tree_signature
+
+    acq = (tmp_path / "acq").resolve()
+    acq.mkdir()
+    bads = [b for b in badinput.write_all(acq) if b.stage in ("open", "chunks")]
+    state = tmp_path / "state"
+    config = build_config({
+        "state_dir": str(state), "watch": {"roots": [{"path": str(acq)}]},
+        "readiness": {"settle_seconds": 0},
+    })
+    daemon = Daemon(config)
+    try:
+        for bad in bads:
+            cand = Candidate(bad.path, bad.path, 0, float("-inf"), signature=tree_signature(bad.path))
+            # First look: bad metadata is looked at once more (a writer may be mid-rename);
+            # missing chunks wait for readiness.incomplete_after_seconds (default 1 h).
+            daemon._consider(cand)
+            assert jobs_for(state, str(bad.path)) == []
+            assert cand.next_check > time.monotonic()
+            daemon.config.readiness.incomplete_after_seconds = 0
+            daemon._consider(cand)
+            daemon.config.readiness.incomplete_after_seconds = 3600
+            jobs = jobs_for(state, str(bad.path))
+            assert len(jobs) == 1, (bad.kind, jobs)
+            job_state, attempts, error, plugin = jobs[0]
+            assert (job_state, attempts, plugin) == ("failed", 0, None)
+            bad.check_message(error)
+            assert cand.next_check == float("inf")  # not looked at again unless it changes
+        statuses = image_status(state)
+        assert {statuses[str(b.path)] for b in bads} == {"failed"}
+    finally:
+        daemon.catalog.close()
+        daemon.lock.release()
+
+
+# --------------------------------------------------------------------------
+# Daemon level
+# --------------------------------------------------------------------------
+
+
+def _write_good(folder: Path, name: str, version: str, seed: int) -> Path:
+    return badinput.good_image(folder / name, version, seed=seed)
+
+
+@pytest.mark.slow
+def test_daemon_survives_every_kind_of_bad_input(tmp_path: Path, acquisition: Path, daemons) -> None:
+    started = time.monotonic()
+    acq = acquisition.resolve()
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    state = tmp_path / "state"
+
+    # Writers: every bad case, the float32 controls and two plain good images.
+    writers = [(lambda f, k=k, v=v: KINDS[k](f, v)) for k, v in CASES]
+    writers += [(lambda f, v=v: GOOD_CONTROLS["float32"](f, v)) for v in ("0.4", "0.5")]
+    writers += [lambda f: _write_good(f, "good-04.zarr", "0.4", 1),
+                lambda f: _write_good(f, "good-05.zarr", "0.5", 2)]
+    before_start, after_start = writers[0::2], writers[1::2]
+
+    hashes: dict[str, dict[str, str]] = {}  # container name -> file hashes as written
+    results: list[BadInput | Path] = []
+    for w in before_start:
+        made = w(acq)
+        path = made.path if isinstance(made, BadInput) else made
+        hashes[path.name] = tree_hashes(path)
+        results.append(made)
+    # Missing chunks are waited for (a time-lapse may add them) before the image counts as
+    # truncated: shorten that wait from its one-hour default.
+    d = daemons(state, "--watch", str(acq), "--settle-seconds", "0.5",
+                env={"CELLSEG1D_READINESS__INCOMPLETE_AFTER_SECONDS": "2"})
+    for w in after_start:
+        # Written elsewhere, then moved in whole (as a copy tool would), so that the daemon
+        # never sees a good image that is broken a moment later.
+        made = w(staging)
+        path = made.path if isinstance(made, BadInput) else made
+        hashes[path.name] = tree_hashes(path)
+        os.rename(path, acq / path.name)
+        if isinstance(made, BadInput):
+            made = BadInput(made.kind, made.version, acq / path.name, made.culprit, made.words, made.stage)
+        else:
+            made = acq / path.name
+        results.append(made)
+    bads = [r for r in results if isinstance(r, BadInput)]
+    goods = [r for r in results if isinstance(r, Path)]
+    assert len(goods) == 4 and len(bads) == len(CASES)
+
+    every = [str(b.path) for b in bads] + [str(g) for g in goods]
+
+    def finished() -> bool:
+        status = image_status(state)
+        return all(status.get(p) in ("done", "failed") for p in every)
+
+    try:
+        wait_for(finished, 45, interval=0.25, what="every image done or failed")
+    except AssertionError:
+        status = image_status(state)
+        pending = {p: status.get(p) for p in every if status.get(p) not in ("done", "failed")}
+        raise AssertionError(f"not finished: {pending}\n--- daemon log ---\n{d.log()[-6000:]}") from None
+
+    status = image_status(state)
+    for good in goods:
+        assert status[str(good)] == "done", (good, jobs_for(state, str(good)), d.log()[-3000:])
+        assert (good / "labels" / "cellseg1d").is_dir()
+    for bad in bads:
+        assert status[str(bad.path)] == "failed", (bad.kind, bad.version, jobs_for(state, str(bad.path)))
+        jobs = jobs_for(state, str(bad.path))
+        assert [j[0] for j in jobs] == ["failed"], (bad.kind, jobs)
+        bad.check_message(jobs[0][2])  # names the container (or a file in it) and the problem
+        assert_unchanged_but_labels_group(bad.path, hashes[bad.name])
+
+    assert d.alive(), d.log()[-3000:]
+    log = d.log()
+    assert "unexpected error" not in log and "Traceback" not in log, log[-6000:]
+    assert d.stop() == 0
+    assert time.monotonic() - started < 60
