@@ -1,4 +1,4 @@
-"""The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``."""
+"""The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``, ``train``, ``segment``, ``evaluate``, ``models``."""
 
 from __future__ import annotations
 
@@ -107,6 +107,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(n_images=args.images, keep=args.keep, settle_seconds=args.settle_seconds, workdir=args.workdir)
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.evaluate import evaluate, print_report
+
+    report = evaluate(args.pred, args.gt, tuple(args.thresholds), args.pred_labels, args.gt_labels)
+    print_report(report, args.json)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from cellseg1d.commands import models
+
+    if args.action == "fetch":
+        models.fetch(args.model, args.model_dir, args.url)
+    else:
+        models.list_models(args.model_dir)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.train import train_command
+
+    return train_command(args)
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.segment import segment_command
+
+    return segment_command(args)
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", type=Path, required=True, help="SAM checkpoint (.pth) of --model-type")
+    p.add_argument("--model-type", default="vit_b", help="vit_b, vit_l or vit_h (default vit_b)")
+    p.add_argument("--allow-custom-checkpoint", action="store_true",
+                   help="accept a checkpoint whose sha256 is not the official one")
+    p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 ...")
+    p.add_argument("--image-size", type=int, default=512, help="SAM input size (CellSeg1: 512)")
+    p.add_argument("--channel", action="append", default=[],
+                   help="channel to use, by name (OME-Zarr) or index (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cellseg1d",
@@ -146,6 +187,48 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, help="folder for the demo (default: a new temporary one)")
     demo.add_argument("--keep", action="store_true", help="keep the demo folder afterwards")
     demo.set_defaults(func=cmd_demo)
+    train = sub.add_parser("train", help="train a LoRA adapter on one annotated image (CellSeg1)")
+    train.add_argument("image", type=Path, help="training image: OME-Zarr, TIFF or PNG")
+    train.add_argument("--mask", type=Path,
+                       help="instance label image, or a folder holding one named like the image")
+    train.add_argument("--labels-name", help="use the image's OME-Zarr labels/<NAME> as the mask")
+    train.add_argument("--out", type=Path, required=True, help="adapter folder to create")
+    train.add_argument("--name", help="adapter name (default: the --out folder name)")
+    _add_model_options(train)
+    train.add_argument("--epochs", type=int, default=300)
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--grad-accum", type=int, default=8)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--train-all", action="store_true",
+                       help="train every weight, not only LoRA (for small or custom base models)")
+    train.add_argument("--resume", action="store_true", help="continue an interrupted run (Ctrl-C saves one)")
+    train.set_defaults(func=cmd_train)
+
+    seg = sub.add_parser("segment", help="segment one image with SAM (+ a LoRA adapter)")
+    seg.add_argument("image", type=Path, help="OME-Zarr image (labels go into its labels group), TIFF or PNG")
+    seg.add_argument("--adapter", type=Path, help="adapter folder made by `cellseg1d train`")
+    seg.add_argument("--out", type=Path, help="write the label image to this .tif/.png/.npy file instead")
+    seg.add_argument("--labels-name", default="cellseg1d", help="label image name inside an OME-Zarr")
+    _add_model_options(seg)
+    seg.set_defaults(func=cmd_segment)
+
+    ev = sub.add_parser("evaluate", help="AP at IoU thresholds of predicted vs true label images")
+    ev.add_argument("pred", type=Path, help="predicted label image file or folder (paired with GT by name)")
+    ev.add_argument("gt", type=Path, help="ground-truth label image file or folder")
+    ev.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.75, 0.9])
+    ev.add_argument("--pred-labels", help="label name inside an OME-Zarr prediction (labels/NAME)")
+    ev.add_argument("--gt-labels", help="label name inside an OME-Zarr ground truth (labels/NAME)")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
+
+    models = sub.add_parser("models", help="official SAM checkpoints: list, fetch")
+    models.add_argument("action", choices=["list", "fetch"])
+    models.add_argument("model", nargs="?", default="vit_b", help="vit_b, vit_l or vit_h")
+    models.add_argument("--model-dir", type=Path, help="where checkpoints are kept")
+    models.add_argument("--url", help="download from this URL instead of the official one")
+    models.set_defaults(func=cmd_models)
     return parser
 
 

@@ -119,6 +119,34 @@ class ClassicalSettings(_Section):
     threshold: Literal["otsu", "li"] = "otsu"
 
 
+class SamSettings(_Section):
+    """The built-in SAM + LoRA segmenter (CellSeg1). Off until ``checkpoint`` is set."""
+
+    #: An official SAM checkpoint file (``sam_vit_b_01ec64.pth`` ...); its sha256 is checked.
+    #: Empty: SAM is off and the classical segmenter runs. Get one with ``cellseg1d models fetch``.
+    checkpoint: Path | None = None
+    model_type: str = "vit_b"
+    #: Load a checkpoint whose sha256 is not the official one for ``model_type`` (fine-tuned bases).
+    allow_custom_checkpoint: bool = False
+    #: A LoRA adapter folder (``adapter.safetensors`` + ``adapter.json``) made by ``cellseg1d train``.
+    adapter: Path | None = None
+    device: str = "auto"
+    image_size: int = Field(512, ge=64)
+    points_per_side: int = Field(32, ge=1)
+    points_per_batch: int = Field(64, ge=1)
+    crop_n_layers: int = Field(1, ge=0, le=2)
+    pred_iou_thresh: float = Field(0.8, ge=0, le=1)
+    stability_score_thresh: float = Field(0.6, ge=0, le=1)
+    #: Planes larger than this (pixels per side) are segmented in overlapping tiles.
+    tile: int = Field(1024, ge=128)
+    tile_overlap: int = Field(256, ge=0)
+
+    @field_validator("checkpoint", "adapter")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+
 class CatalogSettings(_Section):
     #: SQLAlchemy URL; empty: a SQLite file ``catalog.sqlite`` in the state dir.
     url: str | None = None
@@ -148,6 +176,7 @@ class Config(_Section):
     readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
     classical: ClassicalSettings = Field(default_factory=ClassicalSettings)
+    sam: SamSettings = Field(default_factory=SamSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     plugins: PluginSettings = Field(default_factory=PluginSettings)

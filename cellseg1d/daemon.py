@@ -123,6 +123,13 @@ class Daemon:
             self.catalog = Catalog(config.catalog_url)
             self.catalog.migrate()
             self.pm = build_plugin_manager(config.plugins.enable, config.plugins.disable, extra_plugins)
+            try:
+                self.pm.hook.configure(config=config)
+            except CellsegError as err:
+                raise ConfigError(str(err)) from None
+            except Exception as err:
+                plugin = plugin_at_fault(self.pm, "configure", err) or "unknown"
+                raise ConfigError(f"plugin '{plugin}' refused to start: {type(err).__name__}: {err}") from None
             if not self.pm.hook.segment.get_hookimpls():
                 raise ConfigError(
                     "no segmenter: every plugin implementing 'segment' is disabled. Remove "

@@ -42,6 +42,23 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 # ---------------------------------------------------------------------------
+# Start-up
+# ---------------------------------------------------------------------------
+
+
+@hookspec
+def configure(config: Any) -> None:
+    """Called once when the daemon starts, after every plugin is registered.
+
+    ``config`` is the validated :class:`~cellseg1d.config.Config`. Check your
+    settings (``config.plugin_settings[<name>]``) and load expensive resources
+    (models) here, so that a mistake stops the daemon at start with a clear
+    message instead of failing every image. Raise an exception to refuse
+    starting; its message is shown to the operator with the plugin's name.
+    """
+
+
+# ---------------------------------------------------------------------------
 # Readiness: is an image completely written?
 # ---------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ ENTRY_POINT_GROUP = hookspecs.PROJECT
 BUILTINS = {
     "readiness": "cellseg1d.builtin.readiness",
     "classical": "cellseg1d.builtin.classical",
+    "sam": "cellseg1d.builtin.sam",
 }
 
 

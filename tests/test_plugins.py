@@ -266,8 +266,8 @@ def test_disabling_an_unknown_builtin_names_the_setting() -> None:
 
 def test_builtins_are_registered_and_can_be_disabled() -> None:
     pm = build_plugin_manager()
-    assert {"readiness", "classical"} <= {name for name, _ in pm.list_name_plugin()}
-    pm = build_plugin_manager(disable=["classical", "readiness"])
+    assert {"readiness", "classical", "sam"} <= {name for name, _ in pm.list_name_plugin()}
+    pm = build_plugin_manager(disable=["classical", "readiness", "sam"])
     assert pm.hook.segment.get_hookimpls() == []
     assert pm.hook.image_ready.get_hookimpls() == []
 

@@ -1,0 +1,1 @@
+"""Implementations of the engine commands: ``train``, ``segment``, ``evaluate``, ``models``."""
