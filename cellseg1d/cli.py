@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--adapter", type=Path, help="adapter folder made by `cellseg1d train`")
     seg.add_argument("--out", type=Path, help="write the label image to this .tif/.png/.npy file instead")
     seg.add_argument("--labels-name", default="cellseg1d", help="label image name inside an OME-Zarr")
+    seg.add_argument("--points-per-side", type=int, default=32, help="point grid density (CellSeg1: 32)")
+    seg.add_argument("--crop-layers", type=int, default=1, help="crop layers (CellSeg1: 1 = full image + 2x2)")
     _add_model_options(seg)
     seg.set_defaults(func=cmd_segment)
 

@@ -64,11 +64,10 @@ class ModelHolder:
         adapter_name = None
         if settings.adapter is not None:
             from cellseg1d.model.adapters import load_adapter, read_metadata
-            from cellseg1d.model.lora import apply_lora, unwrap
+            from cellseg1d.model.lora import unwrap
 
             meta = read_metadata(settings.adapter)
-            model = apply_lora(sam, rank=meta.rank, dropout=0.0, adapter_name=meta.name)
-            load_adapter(model, settings.adapter, meta.name, expect_base_sha256=info.sha256)
+            model = load_adapter(sam, settings.adapter, meta.name, expect_base_sha256=info.sha256)
             sam = unwrap(model)
             adapter_name = meta.name
         sam.to(device).eval()
