@@ -1,0 +1,485 @@
+"""CellSeg1 inference: SAM automatic mask generation for cells, to an instance label image.
+
+The pipeline (defaults from the CellSeg1 paper; see :class:`InferenceSettings`):
+
+1. Crops: the whole image plus the 2 x 2 overlapping crops of crop layer 1
+   (:func:`cellseg1d.model.prompts.crop_boxes`). Each crop is resized so its
+   longest side is ``image_size`` (bilinear, antialiased, rounded back to
+   uint8 values), normalised with SAM's pixel mean/std and padded at the
+   bottom/right to the model's square input (``Sam.preprocess``).
+2. Per crop: the image embedding once; a ``points_per_side**2`` grid of
+   foreground points in batches of ``points_per_batch``, one mask per point
+   (``multimask_output=False``). The mask decoder runs in two stages
+   (:func:`decode_scores`, :func:`decode_masks`): prompt encoder, two-way
+   transformer (its prompt-independent image side computed once per crop,
+   not per prompt) and IoU head for every prompt; the upscaling of the image
+   tokens and the hypernetwork (the mask logits, (K, 1, 4G, 4G), 128 x 128 at
+   input 512) only for prompts whose IoU-head score is >= ``pred_iou_thresh``.
+3. Filters, in this order (all are per-mask tests, so the order does not
+   change the result, only the cost):
+
+   * IoU-head score >= ``pred_iou_thresh``: decided before any mask exists;
+   * the survivors' low-resolution logits are upsampled exactly as SAM does
+     (``Sam.postprocess_masks``: to the padded input, unpad, to the crop
+     size) and the stability score is computed on these crop-resolution
+     logits, as specified (the IoU between the masks thresholded at
+     ``+offset`` and ``-offset``; 0 for an empty mask), kept if
+     >= ``stability_score_thresh``; it is not computed on the low-resolution
+     logits, which would only approximate it;
+   * binarised at ``Sam.mask_threshold``; non-empty; area < ``max_area_fraction``
+     of the whole image; bounding box not within ``crop_edge_margin`` pixels
+     of a crop edge that is not also an image edge.
+
+   ``upsample_all=True`` runs the reference order instead (logits for every
+   prompt, all upsampled, then the filters); the tests check that both keep
+   the same masks.
+4. Mask-IoU NMS (:mod:`cellseg1d.model.nms`) within each crop (score: IoU-head
+   score, threshold ``nms_thresh``), then across crops in the image frame
+   (score: IoU-head score x stability, threshold ``crop_nms_thresh``).
+5. Holes and islands smaller than ``min_region_area`` pixels are removed
+   (:mod:`cellseg1d.model.postprocess`), then NMS again, preferring masks
+   that needed no clean-up (then the higher IoU x stability), and the area
+   limit again.
+6. Label image: masks painted largest first so smaller ones win, each reduced
+   to its largest connected component, labels 1..N (uint32).
+
+Candidate masks are kept as binary (1 byte/pixel) tensors on the device:
+mask NMS needs full-resolution masks to be exact, and binary masks are a
+quarter of the size of the float logits they come from.
+
+Shapes: image (H, W, 3) uint8; crop (h, w); model input S x S (S = the
+model's ``image_encoder.img_size``), embedding (1, 256, S/16, S/16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from segment_anything.modeling import Sam
+
+from cellseg1d.model import nms as nms_ops
+from cellseg1d.model.postprocess import paint_labels, remove_small_regions
+from cellseg1d.model.prompts import CropBox, crop_boxes, point_grid, points_in_crop, resized_shape
+
+
+@dataclass
+class InferenceSettings:
+    """Parameters of CellSeg1 automatic segmentation (paper defaults)."""
+
+    #: Points per side of the prompt grid, in every crop.
+    points_per_side: int = 32
+    #: Prompts decoded together.
+    points_per_batch: int = 64
+    #: 0: whole image only; 1: also 2 x 2 crops; n: also the 2**i x 2**i crops of layers i <= n.
+    crop_n_layers: int = 1
+    #: Overlap of layer-1 crops as a fraction of the shorter image side.
+    crop_overlap_ratio: float = 512 / 1500
+    #: Minimum IoU-head score of a kept mask.
+    pred_iou_thresh: float = 0.8
+    #: Minimum stability score of a kept mask.
+    stability_score_thresh: float = 0.6
+    #: Logit offset of the stability score.
+    stability_score_offset: float = 0.8
+    #: Masks must be smaller than this fraction of the whole image.
+    max_area_fraction: float = 0.1
+    #: Mask-IoU NMS threshold within a crop.
+    nms_thresh: float = 0.05
+    #: Mask-IoU NMS threshold across crops (and after clean-up: the larger of the two).
+    crop_nms_thresh: float = 0.05
+    #: Holes and islands smaller than this (pixels) are removed; 0 disables.
+    min_region_area: int = 20
+    #: Longest side of each crop at the model input (<= the model's input size).
+    image_size: int = 512
+    #: A box coordinate this close (pixels) to a crop edge that is not an image edge drops the mask.
+    crop_edge_margin: float = 20.0
+    #: Masks per block of the mask-IoU matrix product; None: by device (nms.default_chunk).
+    nms_chunk: int | None = None
+
+
+@dataclass
+class InferenceReport:
+    """Where the time went and how many masks survived each stage (filled by :func:`segment_image`)."""
+
+    #: Seconds per stage (summed over crops): embed, decode (transformer + IoU head),
+    #: mask_decode (mask logits of the kept prompts), filter, nms, postprocess.
+    seconds: dict[str, float] = field(default_factory=dict)
+    #: Mask counts: prompts, iou, filters, crop_nms, cross_nms, cleanup_nms, labels.
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add_time(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def add_count(self, stage: str, n: int) -> None:
+        self.counts[stage] = self.counts.get(stage, 0) + int(n)
+
+
+@dataclass
+class Candidates:
+    """Masks that passed the filters, with their scores. Masks are in one frame (crop or image)."""
+
+    masks: torch.Tensor  # (N, h, w) bool
+    iou_pred: torch.Tensor  # (N,) float32
+    stability: torch.Tensor  # (N,) float32
+    boxes: torch.Tensor  # (N, 4) int64 (x0, y0, x1, y1), exclusive ends, in the masks' frame
+
+    def __len__(self) -> int:
+        return int(self.masks.shape[0])
+
+    def select(self, index: torch.Tensor) -> Candidates:
+        return Candidates(self.masks[index], self.iou_pred[index], self.stability[index], self.boxes[index])
+
+    @staticmethod
+    def empty(shape: tuple[int, int], device: torch.device) -> Candidates:
+        return Candidates(
+            torch.zeros((0, *shape), dtype=torch.bool, device=device),
+            torch.zeros(0, dtype=torch.float32, device=device),
+            torch.zeros(0, dtype=torch.float32, device=device),
+            torch.zeros((0, 4), dtype=torch.int64, device=device),
+        )
+
+    @staticmethod
+    def cat(parts: list[Candidates], shape: tuple[int, int], device: torch.device) -> Candidates:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return Candidates.empty(shape, device)
+        return Candidates(
+            torch.cat([p.masks for p in parts]),
+            torch.cat([p.iou_pred for p in parts]),
+            torch.cat([p.stability for p in parts]),
+            torch.cat([p.boxes for p in parts]),
+        )
+
+
+class _Clock:
+    """Stage timer that adds to an optional report (synchronising CUDA so times are real)."""
+
+    def __init__(self, report: InferenceReport | None, device: torch.device) -> None:
+        self.report = report
+        self.sync = report is not None and device.type == "cuda"
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        if self.report is None:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        yield
+        if self.sync:
+            torch.cuda.synchronize()
+        self.report.add_time(name, time.perf_counter() - start)
+
+    def count(self, name: str, n: int) -> None:
+        if self.report is not None:
+            self.report.add_count(name, n)
+
+
+def as_rgb_uint8(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 from (H, W), (H, W, 1) or (H, W, 3) uint8; ValueError otherwise."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got dtype {image.dtype}")
+    if image.ndim == 2:
+        image = image[:, :, None]
+    if image.ndim != 3 or image.shape[2] not in (1, 3):
+        raise ValueError(f"expected an (H, W), (H, W, 1) or (H, W, 3) image, got shape {image.shape}")
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise ValueError(f"image is empty: shape {image.shape}")
+    if image.shape[2] == 1:
+        image = np.repeat(image, 3, axis=2)
+    return np.ascontiguousarray(image)
+
+
+def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) -> torch.Tensor:
+    """(N,) IoU of ``logits > t + offset`` and ``logits > t - offset`` for logits (N, h, w); 0 if empty.
+
+    The first mask is contained in the second, so the IoU is a ratio of pixel counts.
+    """
+    high = (logits > mask_threshold + offset).flatten(1).sum(dim=1)
+    low = (logits > mask_threshold - offset).flatten(1).sum(dim=1)
+    ratio = high.to(torch.float32) / low.clamp(min=1).to(torch.float32)
+    return torch.where(low > 0, ratio, torch.zeros_like(ratio))
+
+
+def near_crop_edge(boxes: torch.Tensor, crop: CropBox, image_hw: tuple[int, int], margin: float) -> torch.Tensor:
+    """(N,) bool: a box (crop frame) has a side within ``margin`` of a crop edge that is not an image edge."""
+    height, width = image_hw
+    offset = torch.tensor([crop.x0, crop.y0, crop.x0, crop.y0], device=boxes.device)
+    absolute = (boxes + offset).to(torch.float32)  # (N, 4) image frame
+    crop_t = torch.tensor(crop.as_tuple(), dtype=torch.float32, device=boxes.device)
+    image_t = torch.tensor([0, 0, width, height], dtype=torch.float32, device=boxes.device)
+    at_crop = (absolute - crop_t).abs() <= margin
+    at_image = (absolute - image_t).abs() <= margin
+    return (at_crop & ~at_image).any(dim=1)
+
+
+def _model_input(sam: Sam, image_t: torch.Tensor, crop: CropBox, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The crop as the model's input (1, 3, S, S) float32, and its size (h', w') before padding."""
+    region = image_t[:, crop.y0 : crop.y1, crop.x0 : crop.x1]  # (3, h, w) uint8
+    new_hw = resized_shape(crop.height, crop.width, image_size)
+    x = region[None].to(torch.float32)  # (1, 3, h, w)
+    if new_hw != (crop.height, crop.width):
+        x = F.interpolate(x, size=new_hw, mode="bilinear", align_corners=False, antialias=True)
+        x = x.round().clamp(0, 255)
+    return sam.preprocess(x), new_hw
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def decode_scores(
+    sam: Sam, embedding: torch.Tensor, dense_pe: torch.Tensor, coords: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """First stage of the mask decoder for single foreground points: scores before masks.
+
+    ``coords`` (B, 1, 2) are (x, y) in model-input pixels; ``embedding`` and
+    ``dense_pe`` are (1, 256, G, G). Runs the prompt encoder, the two-way
+    transformer and the IoU head, and stops before the upscaling of the image
+    tokens, the costly part of the mask head. Returns the IoU-head score of
+    the single-mask output (B,), its mask token (B, 256) and the image
+    tokens (B, G*G, 256), which :func:`decode_masks` turns into logits for
+    any subset of the prompts. Together they compute what
+    ``sam.mask_decoder(..., multimask_output=False)`` computes.
+
+    The image side enters the transformer once, with batch size 1, instead of
+    once per prompt: until the first image-to-token attention it is the same
+    for every prompt (image embedding + the "no mask" embedding), and the
+    transformer's attention broadcasts it over the prompts. So the key/value
+    projections of the first token-to-image attention and the query
+    projection of the first image-to-token attention run once per crop, not
+    once per prompt. Results match ``sam.mask_decoder`` up to float rounding
+    (tested).
+    """
+    decoder = sam.mask_decoder
+    batch = coords.shape[0]
+    labels = torch.ones((batch, 1), dtype=torch.int, device=coords.device)  # (B, 1) foreground
+    sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)  # (B, 2, 256), (B, 256, G, G)
+    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1 + M, 256)
+    tokens = torch.cat([output_tokens[None].expand(batch, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
+    src = embedding + dense[:1]  # (1, 256, G, G): the "no mask" embedding is the same for every prompt
+    token_out, image_tokens = decoder.transformer(src, dense_pe, tokens)  # (B, T, 256), (B, G*G, 256)
+    iou = decoder.iou_prediction_head(token_out[:, 0])[:, 0]  # (B,) single-mask output
+    return iou, token_out[:, 1], image_tokens
+
+
+def decode_masks(sam: Sam, mask_token: torch.Tensor, image_tokens: torch.Tensor) -> torch.Tensor:
+    """Second stage of the mask decoder: low-resolution logits (K, 1, 4G, 4G) for the given prompts."""
+    decoder = sam.mask_decoder
+    k, n_tokens, channels = image_tokens.shape
+    grid = int(round(n_tokens**0.5))
+    src = image_tokens.transpose(1, 2).reshape(k, channels, grid, grid)  # (K, 256, G, G)
+    upscaled = decoder.output_upscaling(src)  # (K, C', 4G, 4G)
+    weights = decoder.output_hypernetworks_mlps[0](mask_token)  # (K, C')
+    logits = torch.bmm(weights[:, None, :], upscaled.flatten(2))  # (K, 1, 16 G*G)
+    return logits.view(k, 1, upscaled.shape[2], upscaled.shape[3])
+
+
+def crop_candidates(
+    sam: Sam,
+    image_t: torch.Tensor,
+    crop: CropBox,
+    settings: InferenceSettings,
+    *,
+    autocast: torch.dtype | None = None,
+    upsample_all: bool = False,
+    dense_pe: torch.Tensor | None = None,
+    clock: _Clock | None = None,
+) -> Candidates:
+    """The masks of one crop that pass all filters, in the crop frame, before NMS.
+
+    ``image_t`` is the whole image (3, H, W) uint8 on the model's device.
+    ``upsample_all`` selects the reference order (mask logits for every
+    prompt, upsampled, then filtered); by default the prompts are filtered
+    on their IoU-head scores before any mask is computed. Both give the
+    same candidates.
+    """
+    device = image_t.device
+    image_hw = (int(image_t.shape[1]), int(image_t.shape[2]))
+    clock = clock or _Clock(None, device)
+    crop_hw = (crop.height, crop.width)
+    with clock.stage("embed"):
+        x, new_hw = _model_input(sam, image_t, crop, settings.image_size)
+        with _autocast(device, autocast):
+            embedding = sam.image_encoder(x)  # (1, 256, G, G)
+        if dense_pe is None:
+            dense_pe = sam.prompt_encoder.get_dense_pe()  # (1, 256, G, G)
+
+    points = points_in_crop(point_grid(settings.points_per_side), crop)  # (P, 2) crop pixels
+    scale = np.array([new_hw[1] / crop.width, new_hw[0] / crop.height])
+    model_points = torch.as_tensor(points * scale[None, :], dtype=torch.float32, device=device)  # (P, 2)
+    max_area = settings.max_area_fraction * image_hw[0] * image_hw[1]
+    clock.count("prompts", len(points))
+
+    parts: list[Candidates] = []
+    for start in range(0, len(points), settings.points_per_batch):
+        coords = model_points[start : start + settings.points_per_batch, None, :]  # (B, 1, 2)
+        with clock.stage("decode"), _autocast(device, autocast):
+            iou, mask_token, image_tokens = decode_scores(sam, embedding, dense_pe, coords)
+        iou = iou.float()
+        keep = torch.ones_like(iou, dtype=torch.bool) if upsample_all else iou >= settings.pred_iou_thresh
+        if not bool(keep.any()):
+            continue
+        with clock.stage("mask_decode"), _autocast(device, autocast):
+            low_res = decode_masks(sam, mask_token[keep], image_tokens[keep])  # (K, 1, 4G, 4G)
+        with clock.stage("filter"):
+            part = _filter_batch(sam, low_res.float(), iou[keep], crop, new_hw, crop_hw, image_hw,
+                                 max_area, settings, clock, upsample_first=upsample_all)
+        parts.append(part)
+    return Candidates.cat(parts, crop_hw, device)
+
+
+def _filter_batch(
+    sam: Sam,
+    low_res: torch.Tensor,
+    iou: torch.Tensor,
+    crop: CropBox,
+    new_hw: tuple[int, int],
+    crop_hw: tuple[int, int],
+    image_hw: tuple[int, int],
+    max_area: float,
+    settings: InferenceSettings,
+    clock: _Clock,
+    upsample_first: bool = False,
+) -> Candidates:
+    """Apply the per-mask filters to decoded masks: low_res (K, 1, h, w) float32 logits, iou (K,).
+
+    ``upsample_first`` is the reference order: every mask is upsampled before the IoU-head filter.
+    """
+    keep = iou >= settings.pred_iou_thresh  # all true unless on the reference path
+    if upsample_first:
+        logits = sam.postprocess_masks(low_res, new_hw, crop_hw)[:, 0][keep]  # (K, h_c, w_c)
+    else:
+        logits = sam.postprocess_masks(low_res[keep], new_hw, crop_hw)[:, 0]  # (K, h_c, w_c)
+    iou = iou[keep]
+    clock.count("iou", len(iou))
+    stability = stability_score(logits, sam.mask_threshold, settings.stability_score_offset)
+    keep = stability >= settings.stability_score_thresh
+    masks = logits[keep] > sam.mask_threshold  # (K, h_c, w_c) bool
+    iou, stability = iou[keep], stability[keep]
+    area = masks.flatten(1).sum(dim=1)
+    keep = (area > 0) & (area < max_area)
+    masks, iou, stability = masks[keep], iou[keep], stability[keep]
+    boxes = nms_ops.mask_boxes(masks)
+    keep = ~near_crop_edge(boxes, crop, image_hw, settings.crop_edge_margin)
+    clock.count("filters", int(keep.sum()))
+    return Candidates(masks[keep], iou[keep], stability[keep], boxes[keep])
+
+
+def _uncrop(c: Candidates, crop: CropBox, image_hw: tuple[int, int]) -> Candidates:
+    """Candidates from the crop frame to the image frame (masks zero-padded, boxes shifted)."""
+    height, width = image_hw
+    masks = F.pad(c.masks, (crop.x0, width - crop.x1, crop.y0, height - crop.y1))  # (N, H, W)
+    boxes = c.boxes + torch.tensor([crop.x0, crop.y0, crop.x0, crop.y0], device=c.boxes.device)
+    return Candidates(masks, c.iou_pred, c.stability, boxes)
+
+
+def _resolve_device(sam: Sam, device: torch.device | str | None) -> torch.device:
+    model_device = torch.device(sam.device)
+    if device is None:
+        return model_device
+    device = torch.device(device)
+    if device.type != model_device.type or (device.index is not None and device.index != model_device.index):
+        raise ValueError(f"the model is on {model_device}, not on {device}; move it first (sam.to(device))")
+    return model_device
+
+
+def _cleanup_scores(changed: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Scores ranking unchanged masks above cleaned ones, then by quality."""
+    spread = float(quality.max() - quality.min()) + 1.0 if len(quality) else 1.0
+    return quality + (~changed).to(quality.dtype) * spread
+
+
+def segment_image(
+    sam: Sam,
+    image: np.ndarray,
+    settings: InferenceSettings | None = None,
+    device: torch.device | str | None = None,
+    *,
+    autocast: torch.dtype | None = None,
+    upsample_all: bool = False,
+    report: InferenceReport | None = None,
+) -> np.ndarray:
+    """Segment cells in one image with SAM automatic mask generation; labels (H, W) uint32, 1..N.
+
+    Parameters
+    ----------
+    sam : Sam
+        The model (LoRA-adapted or not), already on ``device`` and in eval mode.
+    image : ndarray
+        (H, W, 3), (H, W, 1) or (H, W) uint8. Every crop is resized so that its
+        longest side is ``settings.image_size``; images much larger than that
+        should go through :func:`cellseg1d.model.tiling.segment_large`.
+    settings : InferenceSettings, optional
+        Paper defaults when omitted.
+    device : torch.device or str, optional
+        Must be the model's device (the default).
+    autocast : torch.dtype, optional
+        Run the encoder and decoder under ``torch.autocast`` with this dtype
+        (e.g. ``torch.bfloat16``); their outputs are cast to float32 before
+        any thresholding.
+    upsample_all : bool
+        Reference order: mask logits for every prompt, all upsampled, then the filters
+        (slower, same result).
+    report : InferenceReport, optional
+        Filled with stage times and mask counts.
+    """
+    settings = settings or InferenceSettings()
+    model_size = int(sam.image_encoder.img_size)
+    if settings.image_size > model_size:
+        raise ValueError(f"settings.image_size {settings.image_size} exceeds the model input size {model_size}")
+    rgb = as_rgb_uint8(image)
+    device = _resolve_device(sam, device)
+    image_hw = (rgb.shape[0], rgb.shape[1])
+    clock = _Clock(report, device)
+    with torch.inference_mode():
+        image_t = torch.from_numpy(rgb).to(device).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
+        dense_pe = sam.prompt_encoder.get_dense_pe()
+        crops = crop_boxes(image_hw, settings.crop_n_layers, settings.crop_overlap_ratio)
+        per_crop: list[Candidates] = []
+        for crop in crops:
+            cand = crop_candidates(sam, image_t, crop, settings, autocast=autocast, upsample_all=upsample_all,
+                                   dense_pe=dense_pe, clock=clock)
+            with clock.stage("nms"):
+                keep = nms_ops.mask_nms(cand.masks, cand.iou_pred, settings.nms_thresh, boxes=cand.boxes,
+                                        chunk=settings.nms_chunk)
+                cand = _uncrop(cand.select(keep), crop, image_hw)
+            clock.count("crop_nms", len(cand))
+            per_crop.append(cand)
+
+        with clock.stage("nms"):
+            cand = Candidates.cat(per_crop, image_hw, device)
+            del per_crop
+            if len(crops) > 1 and len(cand):
+                keep = nms_ops.mask_nms(cand.masks, cand.iou_pred * cand.stability, settings.crop_nms_thresh,
+                                        boxes=cand.boxes, chunk=settings.nms_chunk)
+                cand = cand.select(keep)
+        clock.count("cross_nms", len(cand))
+
+        with clock.stage("postprocess"):
+            masks = cand.masks.cpu().numpy()
+            masks, changed = remove_small_regions(masks, settings.min_region_area)
+        with clock.stage("nms"):
+            masks_t = torch.from_numpy(masks).to(device)
+            changed_t = torch.from_numpy(changed).to(device)
+            scores = _cleanup_scores(changed_t, cand.iou_pred * cand.stability)
+            keep = nms_ops.mask_nms(masks_t, scores, max(settings.nms_thresh, settings.crop_nms_thresh),
+                                    chunk=settings.nms_chunk)
+            keep = keep.sort().values.cpu().numpy()
+        with clock.stage("postprocess"):
+            masks = masks[keep]
+            area = masks.sum(axis=(1, 2))
+            masks = masks[(area > 0) & (area < settings.max_area_fraction * image_hw[0] * image_hw[1])]
+            clock.count("cleanup_nms", masks.shape[0])
+            labels = paint_labels(masks, image_hw)
+        clock.count("labels", int(labels.max()) if labels.size else 0)
+    return labels
