@@ -89,10 +89,7 @@ class JobQueue:
         """Queue a run of an image unless a job with this run key exists; return the new job id."""
         try:
             with self.catalog.session() as s:
-                image = s.scalar(select(Image).where(Image.path == facts.path))
-                if image is not None and s.scalar(
-                    select(Job.id).where(Job.image_id == image.id, Job.run_key == run_key)
-                ):
+                if self._has_run(s, facts.path, run_key):
                     return None
                 image = self._upsert_image(s, facts, ImageStatus.QUEUED, None)
                 job = Job(image_id=image.id, run_key=run_key, state=JobState.QUEUED, attempts=0, created_at=utcnow())
@@ -106,10 +103,7 @@ class JobQueue:
         """Record an image that cannot be processed (bad input) as a failed job, once per run key."""
         try:
             with self.catalog.session() as s:
-                image = s.scalar(select(Image).where(Image.path == facts.path))
-                if image is not None and s.scalar(
-                    select(Job.id).where(Job.image_id == image.id, Job.run_key == run_key)
-                ):
+                if self._has_run(s, facts.path, run_key):
                     return False
                 image = self._upsert_image(s, facts, ImageStatus.FAILED, error)
                 now = utcnow()
@@ -123,12 +117,16 @@ class JobQueue:
         except IntegrityError:
             return False
 
+    @staticmethod
+    def _has_run(session: Any, path: str, run_key: str) -> bool:
+        return session.scalar(
+            select(Job.id).join(Image).where(Image.path == path, Job.run_key == run_key).limit(1)
+        ) is not None
+
     def known_run(self, path: str, run_key: str) -> bool:
         """Whether a job for this image path and run key exists in any state."""
         with self.catalog.session() as s:
-            return bool(
-                s.scalar(select(Job.id).join(Image).where(Image.path == path, Job.run_key == run_key))
-            )
+            return self._has_run(s, path, run_key)
 
     # -- working ------------------------------------------------------------
 

@@ -36,6 +36,17 @@ def make_image() -> Iterator:
     yield _make
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """One intra-op torch thread: on a small shared CPU, two threads oversubscribe and run many times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def daemons() -> Iterator:
     """Factory for daemon subprocesses; every one still running is killed at teardown."""

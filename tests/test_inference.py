@@ -42,14 +42,8 @@ from cellseg1d.synthetic import make_cells
 
 SIZE = 128  # model input of the tiny test model
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: faster than two on a shared 2-core machine, and deterministic."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

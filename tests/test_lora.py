@@ -23,14 +23,8 @@ from cellseg1d.model.sam import SPECS, build_sam
 
 SIZE = 256  # tiny models run at 256 px in these tests: 16 x 16 tokens
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine more threads make these small models ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny_sam(seed: int = 0) -> Sam:

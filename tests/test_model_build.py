@@ -23,14 +23,8 @@ from cellseg1d.model.sam import SPECS, build_sam, resize_state_dict
 #: Parameter counts of the official models at input size 1024 (CellSeg1 paper / SAM).
 PARAMS_1024 = {"vit_b": 93.7e6, "vit_l": 312.3e6, "vit_h": 641.1e6}
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """One intra-op thread: on a shared 2-core machine more threads make these small models ~50x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _meta_sam(model_type: str, image_size: int):

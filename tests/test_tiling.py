@@ -122,15 +122,8 @@ def test_stitch_empty_and_single_tile():
         stitch([(5, 0, labels)], (10, 12), 4)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
-
-def test_segment_large_runs_tiles_and_matches_stitch(one_thread):
+def test_segment_large_runs_tiles_and_matches_stitch(one_torch_thread):
     from cellseg1d.model.inference import InferenceSettings, segment_image
     from cellseg1d.model.sam import build_sam
 

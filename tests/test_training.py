@@ -26,6 +26,8 @@ from cellseg1d.synthetic import make_cells
 
 TINY_BASE = Path(__file__).parent / "data" / "tiny_sam_cells.safetensors"
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _tiny(image_size: int = 64, seed: int = 123):
     torch.manual_seed(seed)
@@ -38,14 +40,6 @@ def _fast_settings(**overrides) -> TrainSettings:
     values.update(overrides)
     return TrainSettings(**values)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Train on one thread: on a small, shared CPU two threads are many times slower (oversubscription)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
