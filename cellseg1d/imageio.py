@@ -8,7 +8,7 @@ images as ``(Y, X)`` integer arrays (0 is background).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

@@ -30,7 +30,7 @@ import zarr
 
 from cellseg1d.errors import ImageError
 from cellseg1d.ngff.names import check_output_name
-from cellseg1d.ngff.reader import OmeImage, load_json, ome_attributes, read_group_attributes
+from cellseg1d.ngff.reader import OmeImage, load_json, read_group_attributes
 
 LABEL_DTYPE = np.dtype("uint32")
 #: Label images with more objects than this get no per-label colour table.
