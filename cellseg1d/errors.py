@@ -15,10 +15,6 @@ class ImageError(CellsegError):
     """An input image cannot be processed as it is (permanent: retrying will not help)."""
 
 
-class NotReadyError(CellsegError):
-    """An image is still being written; try again later."""
-
-
 class CatalogError(CellsegError):
     """The catalog database cannot be opened or migrated."""
 

@@ -123,11 +123,6 @@ class JobQueue:
             select(Job.id).join(Image).where(Image.path == path, Job.run_key == run_key).limit(1)
         ) is not None
 
-    def known_run(self, path: str, run_key: str) -> bool:
-        """Whether a job for this image path and run key exists in any state."""
-        with self.catalog.session() as s:
-            return self._has_run(s, path, run_key)
-
     # -- working ------------------------------------------------------------
 
     def claim(self) -> ClaimedJob | None:

@@ -43,11 +43,6 @@ def load_json(path: Path) -> dict[str, Any]:
     return doc
 
 
-def metadata_files(path: Path) -> list[Path]:
-    """The zarr metadata files of the group at ``path`` that exist."""
-    return [p for p in (path / "zarr.json", path / ".zattrs", path / ".zgroup") if p.is_file()]
-
-
 def read_group_attributes(path: Path) -> tuple[int, dict[str, Any]]:
     """Return ``(zarr_format, attributes)`` of the zarr group stored at ``path``."""
     v3 = path / "zarr.json"
