@@ -118,12 +118,19 @@ def test_restart_catches_up_without_reprocessing(tmp_path: Path, acquisition: Pa
 
 def test_sigkill_mid_job_is_redone_after_restart(tmp_path: Path, acquisition: Path, daemons) -> None:
     state = tmp_path / "state"
-    data, _ = make_czyx((256, 256), 20, n_z=40, seed=1)  # 40 planes: long enough to be killed mid-way
+    data, _ = make_czyx((256, 256), 20, n_z=80, seed=1)  # 80 planes: long enough to be killed mid-way
     image = write_ome_zarr(acquisition / "stack.zarr", data[0], axes="czyx", n_levels=1)
     daemon = daemons(state, "--watch", str(acquisition), "--settle-seconds", "0.2")
     wait_for(lambda: image_status(state).get(str(image)) == "processing", 30, what="job running")
+
+    def staging_started() -> bool:
+        labels = image / "labels"
+        return labels.is_dir() and any(p.name.startswith(".cellseg1d.partial-") for p in labels.iterdir())
+
+    # the job reads and segments before it stages labels: kill only once staging has begun
+    wait_for(staging_started, 30, what="labels staging")
     daemon.kill()
-    assert any(p.name.startswith(".cellseg1d.partial-") for p in (image / "labels").iterdir())
+    assert image_status(state).get(str(image)) == "processing", "job finished before the kill"
     assert not (image / "labels" / "cellseg1d").exists()
     daemons(state, "--watch", str(acquisition), "--settle-seconds", "0.2")
     wait_for(lambda: str(image) in done_images(state), 60, what="redo after kill")
