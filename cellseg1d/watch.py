@@ -40,6 +40,7 @@ from cellseg1d.ngff.discover import (
     container_of,
     find_containers,
     is_output_path,
+    link_on_the_way,
     list_images,
 )
 
@@ -148,6 +149,10 @@ class ImageTracker:
             return
         now = self.clock() if when is None else when
         with self._lock:
+            known = container in self._containers
+        if not known and link_on_the_way(container, self.roots[index]) is not None:
+            return  # reached through a symbolic link: possibly outside the root, never followed
+        with self._lock:
             self.events_seen += 1
             state = self._containers.get(container)
             if state is None:
@@ -194,7 +199,8 @@ class ImageTracker:
                 tree_signature(container).newest_mtime <= time.time() - self.settle
                 if state.next_discovery == 0.0 else True
             )
-            if not container.exists():
+            if not container.exists() or link_on_the_way(container, self.roots[state.root_index]):
+                # Gone, or (re)placed by a symbolic link: links are never followed.
                 with self._lock:
                     self._forget_container(container)
                 continue

@@ -41,6 +41,24 @@ def container_of(path: Path, root: Path, suffixes: Sequence[str]) -> Path | None
     return None
 
 
+def link_on_the_way(path: Path, root: Path) -> Path | None:
+    """The first symbolic link between ``root`` (excluded) and ``path`` (included), if any.
+
+    A path reached through a link may lie outside the watched root; such paths are
+    neither discovered nor read.
+    """
+    try:
+        rel = path.relative_to(root)
+    except ValueError:
+        return path
+    current = root
+    for part in rel.parts:
+        current = current / part
+        if current.is_symlink():
+            return current
+    return None
+
+
 def find_containers(root: Path, suffixes: Sequence[str]) -> Iterator[Path]:
     """Every container under ``root``; does not descend into containers or follow links."""
     stack = [root]

@@ -16,11 +16,13 @@ new complete one, never a half-written one.
 from __future__ import annotations
 
 import colorsys
+import errno
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,27 @@ def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, path)
+
+
+@contextmanager
+def output_errors(path: Path) -> Iterator[None]:
+    """Turn "disk full" and "read-only" errors while writing under ``path`` into clear messages.
+
+    The errno is kept (these are storage conditions, so the job is retried), and the
+    message names the label image being written and what to do.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "no space left on device (disk full or quota exceeded)"
+            todo = "free space on that disk; the job is retried"
+        elif err.errno == errno.EROFS:
+            what, todo = "read-only file system", "make it writable or use output = \"mirror\""
+        else:
+            raise
+        raise OSError(err.errno, f"{what} while writing the label image {path}: {todo}",
+                      err.filename) from err
 
 
 def label_colors(n_labels: int) -> list[dict[str, Any]]:
@@ -178,22 +201,38 @@ class StagedLabels:
     def create(cls, image: OmeImage, target: LabelsTarget) -> StagedLabels:
         """Make the staging group and one empty array per resolution level of ``image``."""
         check_output_name(target.name)
+        for path in (target.base, target.labels_dir, target.final_path):
+            if path.is_symlink():
+                raise ImageError(
+                    f"{path} is a symbolic link; cellseg1d never writes through links. Replace it "
+                    "by a folder or choose another segmentation.labels_name."
+                )
+        if target.labels_dir.exists() and not target.labels_dir.is_dir():
+            raise ImageError(
+                f"{target.labels_dir} exists but is not a folder, so no labels group can be written "
+                "there; move it away (OME-NGFF keeps label images in the 'labels' group)"
+            )
         if target.final_path.exists() and not written_by_cellseg1d(target.final_path):
             raise ImageError(
                 f"{target.final_path} exists and was not written by cellseg1d; refusing to "
                 "overwrite it. Choose another segmentation.labels_name."
             )
-        if target.base != image.path:
-            ensure_group(target.base, image.zarr_format, image.ngff_version)
         made_labels_group = not target.labels_dir.exists()
-        ensure_group(target.labels_dir, image.zarr_format, image.ngff_version)
-        # A damaged labels group must fail the job now, not after publishing the label image.
-        _labels_list(target.labels_dir, image.zarr_format, image.ngff_version)
-        cleanup_staging(target.labels_dir, target.name)
         staging = target.labels_dir / f".{target.name}.partial-{uuid.uuid4().hex[:12]}"
         staged = cls(image, target, staging)
         staged.made_labels_group = made_labels_group
-        staged._create_arrays()
+        try:
+            with output_errors(target.final_path):
+                if target.base != image.path:
+                    ensure_group(target.base, image.zarr_format, image.ngff_version)
+                ensure_group(target.labels_dir, image.zarr_format, image.ngff_version)
+                # A damaged labels group must fail the job now, not after publishing the label image.
+                _labels_list(target.labels_dir, image.zarr_format, image.ngff_version)
+                cleanup_staging(target.labels_dir, target.name)
+                staged._create_arrays()
+        except BaseException:
+            staged.discard()  # e.g. disk full: leave no half-made staging folder or labels group
+            raise
         return staged
 
     def _create_arrays(self) -> None:
@@ -237,11 +276,22 @@ class StagedLabels:
             labels = labels.T
         labels = labels.astype(LABEL_DTYPE, copy=False)
         selection = self._plane_selection(t, z)
-        self._levels[0][selection] = labels
-        for level in self._levels[1:]:
-            if self._planewise(level):
-                maps = [m for a, m in zip(self.axes, self._index_maps(level), strict=True) if a not in "tz"]
-                level[selection] = labels[maps[0]][:, maps[1]]
+        # zarr creates missing parent folders: writing after the image was deleted
+        # would bring back a folder holding nothing but labels.
+        self._check_staging()
+        with output_errors(self.target.final_path):
+            self._levels[0][selection] = labels
+            for level in self._levels[1:]:
+                if self._planewise(level):
+                    maps = [m for a, m in zip(self.axes, self._index_maps(level), strict=True) if a not in "tz"]
+                    level[selection] = labels[maps[0]][:, maps[1]]
+
+    def _check_staging(self) -> None:
+        if not self.staging.is_dir():
+            raise ImageError(
+                f"{self.staging} vanished while the label image was being written: was "
+                f"{self.image.path} deleted or moved while being processed? Nothing was published"
+            )
 
     def _build_pyramid(self) -> None:
         """Fill levels that also downsample t or z (3-D pyramids) from full resolution."""
@@ -262,6 +312,11 @@ class StagedLabels:
 
     def finish(self, n_objects: int, provenance: dict[str, Any]) -> None:
         """Write lower resolution levels and the NGFF metadata of the staged label image."""
+        self._check_staging()
+        with output_errors(self.target.final_path):
+            self._finish(n_objects, provenance)
+
+    def _finish(self, n_objects: int, provenance: dict[str, Any]) -> None:
         self._build_pyramid()
         image = self.image
         axes_meta = _drop_channel(image.axes_metadata, self.c_index)
@@ -286,16 +341,29 @@ class StagedLabels:
     def publish(self) -> Path:
         """Move the staged label image into place (replacing an earlier cellseg1d one)."""
         final = self.target.final_path
+        self._check_staging()
+        if final.is_symlink() or (final.exists() and not written_by_cellseg1d(final)):
+            # Appeared while the job ran: never replace someone else's label image.
+            raise ImageError(f"{final} appeared while the job ran and was not written by cellseg1d; "
+                             "refusing to overwrite it. Choose another segmentation.labels_name.")
         replaced = None
         if final.exists():
             replaced = final.with_name(f".{self.target.name}.replaced-{uuid.uuid4().hex[:12]}")
             os.rename(final, replaced)
         os.rename(self.staging, final)
+        try:
+            with output_errors(final):
+                register_label_name(
+                    self.target.labels_dir, self.target.name, self.image.zarr_format, self.image.ngff_version
+                )
+        except BaseException:
+            # Not listed in the labels group (e.g. disk full): put everything back as it was.
+            os.rename(final, self.staging)
+            if replaced is not None:
+                os.rename(replaced, final)
+            raise
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
-        register_label_name(
-            self.target.labels_dir, self.target.name, self.image.zarr_format, self.image.ngff_version
-        )
         return final
 
     def read_plane(self, t: int, z: int) -> np.ndarray:

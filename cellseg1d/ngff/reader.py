@@ -8,8 +8,11 @@ image larger than memory is never loaded whole.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +34,9 @@ def load_json(path: Path) -> dict[str, Any]:
     try:
         raw = path.read_bytes()
     except PermissionError:
-        raise ImageError(f"cannot read {path}: permission denied") from None
+        raise ImageError(
+            f"cannot read {path}: permission denied; give the user running cellseg1d read access to it"
+        ) from None
     except OSError as err:
         raise ImageError(f"cannot read {path}: {err.strerror or err}") from None
     try:
@@ -159,9 +164,15 @@ class OmeImage:
         return indices
 
     def missing_chunks(self) -> tuple[int, int]:
-        """``(missing, total)`` stored chunks of the full-resolution array."""
-        arr = self.levels[0].array
-        return arr.nchunks - arr.nchunks_initialized, arr.nchunks
+        """``(missing, total)`` stored chunks (shards for sharded arrays) of the full-resolution array.
+
+        Counts the chunk files on disk and compares them with the chunk grid, so the
+        cost follows the files written, not the declared shape: an image declaring
+        a huge shape of which few chunks exist is answered at once. (zarr's own
+        ``nchunks_initialized`` enumerates every declared chunk key.)
+        """
+        level = self.levels[0]
+        return count_missing_chunks(level.array, self.path / level.path)
 
     def read_plane(self, t: int, z: int, channels: Sequence[int]) -> np.ndarray:
         """Read one full-resolution plane as a ``(C, Y, X)`` array of the stored dtype."""
@@ -179,8 +190,20 @@ class OmeImage:
             else:
                 selection.append(slice(None))
                 kept.append(axis)
+        # A chunk file that is missing reads as the fill value: a deleted image would
+        # silently read as empty planes, so check it is still there first.
+        if not (self.path / level.path).is_dir():
+            raise ImageError(
+                f"{self.path / level.path} no longer exists: the image was deleted or moved while "
+                f"being processed (before plane t={t} z={z}); nothing was written for it"
+            )
         try:
             data = np.asarray(level.array.oindex[tuple(selection)])
+        except PermissionError as err:
+            raise ImageError(
+                f"cannot read plane t={t} z={z} of {self.path / level.path}: permission denied on "
+                f"{err.filename or 'a chunk file'}; give the user running cellseg1d read access"
+            ) from None
         except Exception as err:
             if isinstance(err, OSError) and err.errno is not None:
                 raise  # storage trouble (network share, disk): transient, the job is retried
@@ -194,6 +217,79 @@ class OmeImage:
             data = data[np.newaxis]
             kept.insert(0, "c")
         return np.transpose(data, [kept.index(a) for a in "cyx"])
+
+
+def _chunk_key_format(array: zarr.Array) -> tuple[str, str]:
+    """``(prefix, separator)`` of the array's chunk keys, e.g. ``("c/", "/")`` for zarr v3 defaults."""
+    meta = array.metadata
+    encoding = getattr(meta, "chunk_key_encoding", None)
+    separator = getattr(encoding, "separator", None) or getattr(meta, "dimension_separator", None) or "."
+    zero = meta.encode_chunk_key((0,) * array.ndim)
+    body = separator.join("0" * array.ndim)
+    prefix = zero[: len(zero) - len(body)] if zero.endswith(body) else ""
+    return prefix, separator
+
+
+def count_missing_chunks(array: zarr.Array, array_dir: Path) -> tuple[int, int]:
+    """``(missing, total)`` chunk (or shard) files of the zarr array stored in ``array_dir``.
+
+    Walks ``array_dir`` once (symbolic links are not followed) and counts the files
+    whose names are keys of the chunk grid; nothing the size of the declared
+    shape is enumerated or allocated.
+    """
+    stored_block = array.shards or array.chunks
+    grid = tuple(math.ceil(n / c) for n, c in zip(array.shape, stored_block, strict=True))
+    total = math.prod(grid)
+    if array.ndim == 0:
+        return 0, 1
+    prefix, separator = _chunk_key_format(array)
+    found = 0
+    for dirpath, dirnames, filenames in os.walk(array_dir):
+        rel_dir = os.path.relpath(dirpath, array_dir)
+        for name in filenames:
+            key = name if rel_dir == "." else f"{rel_dir.replace(os.sep, '/')}/{name}"
+            if not key.startswith(prefix):
+                continue
+            parts = key[len(prefix):].split(separator)
+            if len(parts) != len(grid) or not all(p.isdigit() for p in parts):
+                continue  # metadata, partial writes (<key>.<uuid>.partial), foreign files
+            if all(int(p) < n for p, n in zip(parts, grid, strict=True)):
+                found += 1
+    return total - found, total
+
+
+def check_links_inside(image_path: Path) -> None:
+    """Refuse an image holding a symbolic link that leaves it, is broken or loops.
+
+    zarr would follow such a link and read (or, for ``labels``, write) outside the
+    image, possibly outside the watched folder. Links that stay inside the image
+    are allowed. Walks every folder except inside ``labels/`` (outputs), whose own
+    entry is still checked.
+    """
+    base = os.path.realpath(image_path)
+    stack = [str(image_path)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable or vanished: opening its metadata reports it
+        for entry in entries:
+            if entry.is_symlink():
+                try:
+                    target = os.path.realpath(entry.path, strict=True)
+                except OSError as err:
+                    what = "is a loop" if err.errno == errno.ELOOP else "is broken (its target does not exist)"
+                    raise ImageError(
+                        f"symbolic link {entry.path} {what}; remove it or replace it by the data"
+                    ) from None
+                if os.path.commonpath([base, target]) != base:
+                    raise ImageError(
+                        f"symbolic link {entry.path} points outside the image (to {target}); "
+                        "cellseg1d never follows links out of an image: copy the data into it instead"
+                    )
+            elif entry.is_dir(follow_symlinks=False) and not (folder == str(image_path) and entry.name == "labels"):
+                stack.append(entry.path)
 
 
 def _check_axes(path: Path, axes_meta: Any) -> tuple[tuple[str, ...], list[dict[str, Any]]]:
@@ -238,6 +334,7 @@ def open_image(path: Path) -> OmeImage:
     """
     path = Path(path)
     zarr_format, attrs = read_group_attributes(path)
+    check_links_inside(path)
     ome = ome_attributes(attrs)
     meta_file = path / ("zarr.json" if zarr_format == 3 else ".zattrs")
     multiscales = ome.get("multiscales")
@@ -270,6 +367,11 @@ def open_image(path: Path) -> OmeImage:
         array_dir = path / ds_path
         try:
             array = zarr.open_array(store=str(array_dir), mode="r")
+        except PermissionError as err:
+            raise ImageError(
+                f"cannot open array {array_dir}: permission denied on {err.filename or 'its metadata'}; "
+                "give the user running cellseg1d read access"
+            ) from None
         except Exception as err:
             raise ImageError(f"cannot open array {array_dir}: {type(err).__name__}: {err}") from None
         if array.ndim != len(axes):
