@@ -64,6 +64,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
 from cellseg1d.model import nms as nms_ops
+from cellseg1d.model.fastdecode import two_way_transformer
 from cellseg1d.model.postprocess import paint_labels, remove_small_regions
 from cellseg1d.model.prompts import CropBox, crop_boxes, point_grid, points_in_crop, resized_shape
 
@@ -253,12 +254,11 @@ def decode_scores(
 
     The image side enters the transformer once, with batch size 1, instead of
     once per prompt: until the first image-to-token attention it is the same
-    for every prompt (image embedding + the "no mask" embedding), and the
-    transformer's attention broadcasts it over the prompts. So the key/value
-    projections of the first token-to-image attention and the query
-    projection of the first image-to-token attention run once per crop, not
-    once per prompt. Results match ``sam.mask_decoder`` up to float rounding
-    (tested).
+    for every prompt (image embedding + the "no mask" embedding). The
+    transformer is :func:`cellseg1d.model.fastdecode.two_way_transformer`: the
+    same function with the image-side projections moved to the prompt side
+    (about 2x fewer operations per prompt on a CPU). Results match
+    ``sam.mask_decoder`` up to float rounding (tested).
     """
     decoder = sam.mask_decoder
     batch = coords.shape[0]
@@ -267,7 +267,8 @@ def decode_scores(
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1 + M, 256)
     tokens = torch.cat([output_tokens[None].expand(batch, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
     src = embedding + dense[:1]  # (1, 256, G, G): the "no mask" embedding is the same for every prompt
-    token_out, image_tokens = decoder.transformer(src, dense_pe, tokens)  # (B, T, 256), (B, G*G, 256)
+    # (B, 2, 256): only the IoU token and the single-mask token are needed; (B, G*G, 256)
+    token_out, image_tokens = two_way_transformer(decoder.transformer, src, dense_pe, tokens, first_tokens=2)
     iou = decoder.iou_prediction_head(token_out[:, 0])[:, 0]  # (B,) single-mask output
     return iou, token_out[:, 1], image_tokens
 

@@ -1,0 +1,189 @@
+"""SAM's two-way transformer for many point prompts on one image, with fewer multiply-adds.
+
+``segment_anything``'s :class:`TwoWayTransformer` runs the image side once
+per prompt: for B prompts and N = G*G image tokens of width C it projects
+B x N x C tensors to keys, values and queries (C -> C/2) in every
+attention. :func:`two_way_transformer` computes the same function with the
+same weights, but moves each linear projection to the small side of the
+attention, which is exact because a projection is affine:
+
+* tokens -> image (T tokens attend to the N image rows): instead of
+  ``k = Wk x + bk`` for every image row, each query is pulled back,
+  ``q . (Wk x + bk) = (Wk^T q) . x + q . bk``; and the values are projected
+  after the weighted sum, ``sum_i s_i (Wv x_i + bv) = Wv (sum_i s_i x_i) + bv``
+  (the softmax weights sum to 1). Per head and token that is one C-vector,
+  so the image side costs N x (H*T) x C twice instead of N x C x C/2 three
+  times (plus the head reshuffling copies);
+* image -> tokens (every image row attends to the T tokens): the key side is
+  pulled back into the image rows' space the same way, and the output
+  projection is applied to the T value vectors of each head before the
+  attention-weighted sum, ``Wo (sum_t a_t v_t) = sum_t a_t (Wo_h v_t)``.
+
+Where the image side is shared by all prompts (the first layer, before the
+first image update) the original order is cheaper and is kept: the image is
+projected once with batch size 1 and broadcast.
+
+Projections are used only through their input/output behaviour, so LoRA
+(peft) wrappers of ``q_proj``/``v_proj`` work unchanged: the effective
+weight matrix and bias are read off by applying the module to zero and to
+the identity (:func:`affine_parts`). The module must be in eval mode
+(dropout off). Results equal ``segment_anything``'s to float rounding
+(tested against ``sam.mask_decoder``).
+
+Shapes: image tokens (B or 1, N, C); prompt tokens (B, T, C); H heads of
+width d = C_internal / H.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from segment_anything.modeling.transformer import Attention, TwoWayTransformer
+from torch import nn
+
+
+def affine_parts(module: nn.Module, in_features: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W (D, C), b (D,)) with ``module(x) == x @ W.T + b`` for an affine module (Linear, LoRA Linear...)."""
+    if type(module) is nn.Linear:
+        weight, bias = module.weight, module.bias
+        if bias is None:
+            bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device)
+        return weight, bias
+    probe = torch.cat([
+        torch.zeros((1, in_features), dtype=like.dtype, device=like.device),
+        torch.eye(in_features, dtype=like.dtype, device=like.device),
+    ])
+    out = module(probe)  # (1 + C, D)
+    bias = out[0]
+    return (out[1:] - bias).T, bias
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, T, D) -> (B, T, H, d), a view."""
+    return x.view(x.shape[0], x.shape[1], heads, x.shape[2] // heads)
+
+
+def token_to_image(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attn(q=q, k=k, v=v)`` for prompt tokens q (B, T, C) attending to per-prompt image rows k, v (B, N, C)."""
+    batch, n_tokens, channels = q.shape
+    heads = attn.num_heads
+    width = attn.internal_dim // heads
+    wk, bk = affine_parts(attn.k_proj, channels, q)
+    wv, bv = affine_parts(attn.v_proj, channels, q)
+    qh = _heads(attn.q_proj(q), heads)  # (B, T, H, d)
+    q_pulled = torch.einsum("bthd,hdc->bhtc", qh, wk.view(heads, width, channels)).reshape(batch, -1, channels)
+    q_bias = torch.einsum("bthd,hd->bht", qh, bk.view(heads, width)).reshape(batch, 1, -1)
+    # (B, N, H*T): image rows stay the leading operand, so no B x N x C tensor is transposed or copied
+    logits = torch.baddbmm(q_bias, k, q_pulled.transpose(1, 2)) if k.shape[0] == batch else \
+        torch.matmul(k, q_pulled.transpose(1, 2)) + q_bias
+    weights = torch.softmax(logits * (1.0 / math.sqrt(width)), dim=1)
+    pooled = torch.matmul(weights.transpose(1, 2), v).view(batch, heads, n_tokens, channels)  # (B, H, T, C)
+    out = torch.einsum("bhtc,hdc->bthd", pooled, wv.view(heads, width, channels)) + bv.view(heads, width)
+    return attn.out_proj(out.reshape(batch, n_tokens, heads * width))
+
+
+def token_to_shared_image(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``attn(q=q, k=k, v=v)`` for prompt tokens q (B, T, C) attending to image rows k, v (1, N, C) shared by all.
+
+    The image side is projected once; the heads are the batch of the matrix products, so nothing of size
+    B x N is expanded (as broadcasting a batch-1 operand in ``attn`` would).
+    """
+    batch, n_tokens, _ = q.shape
+    heads = attn.num_heads
+    width = attn.internal_dim // heads
+    qh = attn.q_proj(q).view(batch * n_tokens, heads, width).transpose(0, 1)  # (H, B*T, d)
+    kh = attn.k_proj(k[0]).view(-1, heads, width).permute(1, 2, 0)  # (H, d, N)
+    vh = attn.v_proj(v[0]).view(-1, heads, width).transpose(0, 1)  # (H, N, d)
+    weights = torch.softmax(torch.bmm(qh, kh) * (1.0 / math.sqrt(width)), dim=-1)  # (H, B*T, N)
+    out = torch.bmm(weights, vh).transpose(0, 1).reshape(batch, n_tokens, heads * width)
+    return attn.out_proj(out)
+
+
+def image_to_token(
+    attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``attn(q=q, k=k, v=v)`` (+ ``residual``) for image rows q (B or 1, N, C) attending to prompt tokens
+    k, v (B, T, C); ``residual`` (B or 1, N, C) is added in the same matrix product."""
+    batch, n_tokens, channels = k.shape
+    heads = attn.num_heads
+    width = attn.internal_dim // heads
+    kh = _heads(attn.k_proj(k), heads)  # (B, T, H, d)
+    vh = _heads(attn.v_proj(v), heads)
+    scale = 1.0 / math.sqrt(width)
+    if q.shape[0] == 1:
+        # Shared image side: project it once, attend per prompt.
+        qh = attn.q_proj(q)[0].view(-1, heads, width)  # (N, H, d)
+        logits = torch.einsum("nhd,bthd->bnht", qh, kh)  # (B, N, H, T)
+    else:
+        wq, bq = affine_parts(attn.q_proj, channels, k)
+        k_pulled = torch.einsum("bthd,hdc->bhtc", kh, wq.view(heads, width, channels)).reshape(batch, -1, channels)
+        k_bias = torch.einsum("bthd,hd->bht", kh, bq.view(heads, width)).reshape(batch, 1, -1)
+        logits = (torch.matmul(q, k_pulled.transpose(1, 2)) + k_bias).view(batch, -1, heads, n_tokens)
+    weights = _softmax_last(logits * scale).flatten(2)  # (B, N, H*T)
+    wo, bo = affine_parts(attn.out_proj, attn.internal_dim, k)  # (C, H*d)
+    projected = torch.einsum("bthd,chd->bhtc", vh, wo.view(-1, heads, width)).reshape(batch, -1, wo.shape[0])
+    # The weights of each head sum to 1, so adding bo / H to every row adds bo to the output.
+    projected = projected + bo / heads
+    if residual is None:
+        return torch.matmul(weights, projected)
+    return torch.baddbmm(residual.expand(batch, -1, -1), weights, projected)  # residual + attention output
+
+
+def _softmax_last(x: torch.Tensor) -> torch.Tensor:
+    """Softmax over a short last axis (the T prompt tokens); faster than torch.softmax there on CPU."""
+    e = torch.exp(x - x.amax(dim=-1, keepdim=True))
+    return e / e.sum(dim=-1, keepdim=True)
+
+
+def two_way_transformer(
+    transformer: TwoWayTransformer,
+    image: torch.Tensor,
+    image_pe: torch.Tensor,
+    tokens: torch.Tensor,
+    first_tokens: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``transformer(image, image_pe, tokens)`` for B prompts on one image.
+
+    ``image`` and ``image_pe`` are (1, C, G, G), ``tokens`` (B, T, C). Returns
+    the prompt tokens (B, T, C) and the image tokens (B, G*G, C), as the
+    original does. With ``first_tokens`` = n only the first n prompt tokens
+    are returned: the final attention treats every token on its own, so the
+    others (e.g. the three multimask tokens, for single-mask output) are
+    not computed there.
+    """
+    keys = image.flatten(2).transpose(1, 2)  # (1, N, C)
+    key_pe = image_pe.flatten(2).transpose(1, 2)
+    queries = tokens
+    for layer in transformer.layers:
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + tokens
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+
+        keys_pe = keys + key_pe
+        q = queries + tokens
+        if keys.shape[0] == 1:
+            attn_out = token_to_shared_image(layer.cross_attn_token_to_image, q, keys_pe, keys)
+        else:
+            attn_out = token_to_image(layer.cross_attn_token_to_image, q, keys_pe, keys)
+        queries = layer.norm2(queries + attn_out)
+        queries = layer.norm3(queries + layer.mlp(queries))
+
+        q = queries + tokens
+        keys = layer.norm4(image_to_token(layer.cross_attn_image_to_token, keys_pe, q, queries, residual=keys))
+
+    if first_tokens is not None:
+        queries, tokens = queries[:, :first_tokens], tokens[:, :first_tokens]
+    q = queries + tokens
+    keys_pe = keys + key_pe
+    if keys.shape[0] == 1:
+        attn_out = token_to_shared_image(transformer.final_attn_token_to_image, q, keys_pe, keys)
+    else:
+        attn_out = token_to_image(transformer.final_attn_token_to_image, q, keys_pe, keys)
+    queries = transformer.norm_final_attn(queries + attn_out)
+    if keys.shape[0] != tokens.shape[0]:  # depth 0: the image was never updated per prompt
+        keys = keys.expand(tokens.shape[0], -1, -1)
+    return queries, keys
