@@ -12,15 +12,23 @@ v2, ``05`` for NGFF 0.5 on zarr v3) and says what an error about it must say:
   ``"list"`` (the container holds no image: ``list_images`` finds none or
   raises), ``"chunks"`` (``missing_chunks`` reports it; the daemon rejects the
   image at readiness), ``"read"`` (only reading pixels fails, in the job) or
-  ``"job"`` (the image is fine, writing its labels is refused, in the job).
+  ``"job"`` (the image is fine, but its channels or labels group are not, in the job);
+* ``missing``: for ``"chunks"``, the ``(missing, total)`` chunk counts expected.
 
-:data:`CASES` lists every (kind, version) pair; :data:`GOOD_CONTROLS` lists
-unusual-but-valid inputs that must be processed (float32 pixels).
+Every image is segmented with :data:`CONFIG_CHANNELS` (``segmentation.channels``).
+
+:data:`CASES` lists every (kind, version) pair; :data:`PERMISSION_CASES` the
+unreadable-file kinds, which only fail where reads can be denied (not for root
+with CAP_DAC_OVERRIDE, see :func:`reads_can_be_denied`); :data:`GOOD_CONTROLS`
+lists unusual-but-valid inputs that must be processed (float32 pixels, names
+with spaces and non-ASCII letters, a link loop that stays inside the image).
 """
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +43,9 @@ from cellseg1d.synthetic import make_czyx, write_ome_zarr
 
 SIZE = 64
 N_CELLS = 6
+#: ``segmentation.channels`` for every run over the corpus (the daemon's ``--channel``).
+CONFIG_CHANNELS = ["nuclei"]
+CHANNEL_NAMES = ["nuclei", "membrane"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class BadInput:
     culprit: str
     words: tuple[str, ...]
     stage: str
+    missing: tuple[int, int] | None = None
 
     @property
     def name(self) -> str:
@@ -87,14 +99,14 @@ def _fresh(folder: Path, kind: str, version: str) -> Path:
 
 
 def good_image(path: Path, version: str, *, dtype: str = "uint16", seed: int = 0,
-               chunks: tuple[int, ...] | None = None) -> Path:
+               chunks: tuple[int, ...] | None = None, channel_names: list[str] | None = None) -> Path:
     """A valid small 2-channel czyx image (the base that most generators then break)."""
     data, _ = make_czyx((SIZE, SIZE), N_CELLS, seed=seed)
     data = data[0]
     if dtype != "uint16":
         data = (data.astype(np.float64) / 4000.0).astype(dtype)
     return write_ome_zarr(path, data, axes="czyx", ngff_version=version, chunks=chunks,
-                          channel_names=["nuclei", "membrane"])
+                          channel_names=channel_names or CHANNEL_NAMES)
 
 
 def raw_image(path: Path, version: str, arrays: list[np.ndarray], axes: list[Any], *,
@@ -122,11 +134,16 @@ def raw_image(path: Path, version: str, arrays: list[np.ndarray], axes: list[Any
             {"type": "scale", "scale": [1.0] * len(axes)}]} for p in paths],
     }
     v = ome_version or version
+    ome: dict[str, Any] = {"multiscales": [multiscale]}
+    names = [a if isinstance(a, str) else a.get("name") for a in axes]
+    if "c" in names:  # channel names, so that CONFIG_CHANNELS resolves
+        n_channels = arrays[0].shape[names.index("c")]
+        ome["omero"] = {"channels": [{"label": n} for n in (CHANNEL_NAMES + ["extra"] * n_channels)[:n_channels]]}
     if zarr_format == 3:
-        group.attrs.update({"ome": {"version": v, "multiscales": [multiscale]}})
+        group.attrs.update({"ome": {"version": v, **ome}})
     else:
         multiscale["version"] = v
-        group.attrs.update({"multiscales": [multiscale]})
+        group.attrs.update(ome)
     return path
 
 
@@ -188,7 +205,7 @@ def missing_chunks(folder: Path, version: str) -> BadInput:
     assert len(chunks) == 8, chunks
     for chunk in chunks[1::3]:
         chunk.unlink()
-    return BadInput("missing_chunks", version, path, "0", ("missing",), "chunks")
+    return BadInput("missing_chunks", version, path, "0", ("missing",), "chunks", (3, 8))
 
 
 def corrupt_chunk(folder: Path, version: str) -> BadInput:
@@ -311,6 +328,169 @@ def v05_on_zarr_v2(folder: Path, version: str) -> BadInput:
     return BadInput("v05_on_zarr_v2", "0.4", path, "", ("needs zarr v3",), "open")
 
 
+def six_d(folder: Path, version: str) -> BadInput:
+    """A 6-D array: t, c, z, y, x and an extra "angle" axis (light-sheet views)."""
+    path = _fresh(folder, "six_d", version)
+    raw_image(path, version, [np.ones((1, 2, 1, 2, 16, 16), np.uint16)], ["t", "c", "z", "angle", "y", "x"])
+    return BadInput("six_d", version, path, _group_meta(version), ("unsupported axes",), "open")
+
+
+def empty_yx(folder: Path, version: str) -> BadInput:
+    """A zero-sized plane axis: shape (2, 64, 0)."""
+    path = _fresh(folder, "empty_yx", version)
+    raw_image(path, version, [np.zeros((2, SIZE, 0), np.uint16)], ["c", "y", "x"])
+    return BadInput("empty_yx", version, path, "0", ("empty",), "open")
+
+
+HUGE_T = 10**9
+
+
+def huge_shape(folder: Path, version: str) -> BadInput:
+    """A time-lapse declaring a billion time points of which only the first was written.
+
+    Pre-allocating the whole shape is what open-ended acquisitions do; the image
+    counts as still acquiring, then as truncated: it must never be allocated or
+    have its declared chunks enumerated one by one.
+    """
+    path = _fresh(folder, "huge_shape", version)
+    zarr_format = _zarr_format(version)
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    kwargs: dict[str, Any] = {"chunk_key_encoding": {"name": "v2", "separator": "/"}} if zarr_format == 2 else {}
+    arr = group.create_array("0", shape=(HUGE_T, 2, SIZE, SIZE), chunks=(1, 1, 32, 32), dtype="uint16",
+                             fill_value=0, **kwargs)
+    arr[0] = _planes()
+    axes = [{"name": "t", "type": "time"}, {"name": "c", "type": "channel"},
+            {"name": "y", "type": "space"}, {"name": "x", "type": "space"}]
+    multiscale = {"name": path.name, "axes": axes, "datasets": [
+        {"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0] * 4}]}]}
+    omero = {"channels": [{"label": n} for n in CHANNEL_NAMES]}
+    if zarr_format == 3:
+        group.attrs.update({"ome": {"version": version, "multiscales": [multiscale], "omero": omero}})
+    else:
+        group.attrs.update({"multiscales": [{**multiscale, "version": version}], "omero": omero})
+    total = HUGE_T * 2 * 4
+    return BadInput("huge_shape", version, path, "0", ("missing",), "chunks", (total - 8, total))
+
+
+def huge_plane(folder: Path, version: str) -> BadInput:
+    """A declared 2^20 x 2^20 plane (one chunk written): far too large to read as one plane."""
+    path = _fresh(folder, "huge_plane", version)
+    zarr_format = _zarr_format(version)
+    group = zarr.open_group(str(path), mode="w", zarr_format=zarr_format)
+    kwargs: dict[str, Any] = {"chunk_key_encoding": {"name": "v2", "separator": "/"}} if zarr_format == 2 else {}
+    arr = group.create_array("0", shape=(1, 2**20, 2**20), chunks=(1, 256, 256), dtype="uint8",
+                             fill_value=0, **kwargs)
+    arr[0, :256, :256] = 7
+    multiscale = {"name": path.name, "axes": [{"name": a} for a in "cyx"], "datasets": [{"path": "0"}]}
+    if zarr_format == 3:
+        group.attrs.update({"ome": {"version": version, "multiscales": [multiscale]}})
+    else:
+        group.attrs.update({"multiscales": [{**multiscale, "version": version}]})
+    return BadInput("huge_plane", version, path, "0", ("exceeds",), "open")
+
+
+def channel_missing(folder: Path, version: str) -> BadInput:
+    """Channels "DAPI" and "GFP": the configured channel ("nuclei") is not in the image."""
+    path = good_image(_fresh(folder, "channel_missing", version), version, channel_names=["DAPI", "GFP"])
+    return BadInput("channel_missing", version, path, "", ("no channel named 'nuclei'",), "job")
+
+
+def levels_shape(folder: Path, version: str) -> BadInput:
+    """Level 1 has 3 channels and a larger plane than level 0 (levels from different images)."""
+    path = _fresh(folder, "levels_shape", version)
+    planes = _planes()
+    bigger = np.zeros((3, SIZE * 2, SIZE * 2), np.uint16)
+    raw_image(path, version, [planes, bigger], ["c", "y", "x"])
+    return BadInput("levels_shape", version, path, "", ("does not fit",), "open")
+
+
+def foreign_label_image(folder: Path, version: str) -> BadInput:
+    """A valid image whose labels group holds a label image named like ours, written by another tool."""
+    path = good_image(_fresh(folder, "foreign_label_image", version), version)
+    labels = zarr.open_group(str(path / "labels"), mode="w", zarr_format=_zarr_format(version))
+    foreign = labels.create_group("cellseg1d")
+    kwargs: dict[str, Any] = {"chunk_key_encoding": {"name": "v2", "separator": "/"}} if version == "0.4" else {}
+    foreign.create_array("0", shape=(1, SIZE, SIZE), chunks=(1, SIZE, SIZE), dtype="uint8",
+                         fill_value=0, **kwargs)[...] = 3
+    meta = {"multiscales": [{"axes": [{"name": a} for a in "zyx"], "datasets": [{"path": "0"}]}],
+            "image-label": {"source": {"image": "../../"}}}
+    if version == "0.5":
+        foreign.attrs["ome"] = {"version": "0.5", **meta}
+        labels.attrs["ome"] = {"version": "0.5", "labels": ["cellseg1d"]}
+    else:
+        meta["multiscales"][0]["version"] = "0.4"
+        foreign.attrs.update(meta)
+        labels.attrs["labels"] = ["cellseg1d"]
+    return BadInput("foreign_label_image", version, path, "labels/cellseg1d", ("not written by cellseg1d",), "job")
+
+
+def labels_is_file(folder: Path, version: str) -> BadInput:
+    """A plain file named "labels" where the labels group belongs."""
+    path = good_image(_fresh(folder, "labels_is_file", version), version)
+    (path / "labels").write_text("segmentation notes, not a zarr group\n")
+    return BadInput("labels_is_file", version, path, "labels", ("not a folder",), "job")
+
+
+def _outside(folder: Path) -> Path:
+    """A folder beside the containers, outside every image (and outside the root for moved ones)."""
+    out = Path(folder) / "outside-data"
+    out.mkdir(exist_ok=True)
+    return out
+
+
+def link_out_chunk(folder: Path, version: str) -> BadInput:
+    """A level-0 chunk that is a symbolic link to a file outside the image."""
+    path = good_image(_fresh(folder, "link_out_chunk", version), version, chunks=(1, 1, 32, 32))
+    chunk = _chunk_files(path / "0")[0]
+    secret = _outside(folder) / f"secret-{path.stem}.bin"
+    secret.write_bytes(chunk.read_bytes())
+    chunk.unlink()
+    os.symlink(secret, chunk)
+    return BadInput("link_out_chunk", version, path, str(chunk.relative_to(path)), ("points outside",), "open")
+
+
+def link_out_array(folder: Path, version: str) -> BadInput:
+    """The full-resolution array folder "0" is a symbolic link to an array outside the image."""
+    path = good_image(_fresh(folder, "link_out_array", version), version)
+    target = _outside(folder) / f"array-{path.stem}"
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.move(str(path / "0"), target)
+    os.symlink(target, path / "0")
+    return BadInput("link_out_array", version, path, "0", ("points outside",), "open")
+
+
+def link_out_labels(folder: Path, version: str) -> BadInput:
+    """The image's "labels" is a symbolic link to a folder outside: labels must not be written there."""
+    path = good_image(_fresh(folder, "link_out_labels", version), version)
+    target = _outside(folder) / f"labels-{path.stem}"
+    target.mkdir(exist_ok=True)
+    os.symlink(target, path / "labels")
+    return BadInput("link_out_labels", version, path, "labels", ("points outside",), "open")
+
+
+def symlink_loop(folder: Path, version: str) -> BadInput:
+    """A symbolic link pointing to itself inside the array folder (and a harmless "up -> .." loop)."""
+    path = good_image(_fresh(folder, "symlink_loop", version), version)
+    os.symlink("..", path / "0" / "up")
+    os.symlink("self", path / "0" / "self")
+    return BadInput("symlink_loop", version, path, "0/self", ("loop",), "open")
+
+
+def unreadable_metadata(folder: Path, version: str) -> BadInput:
+    """The group metadata file is chmod 000 (a writer with a restrictive umask)."""
+    path = good_image(_fresh(folder, "unreadable_metadata", version), version)
+    os.chmod(path / _group_meta(version), 0)
+    return BadInput("unreadable_metadata", version, path, _group_meta(version), ("permission denied",), "open")
+
+
+def unreadable_chunk(folder: Path, version: str) -> BadInput:
+    """A level-0 chunk of channel 0 is chmod 000."""
+    path = good_image(_fresh(folder, "unreadable_chunk", version), version, chunks=(1, 1, 32, 32))
+    os.chmod(_chunk_files(path / "0")[0], 0)
+    return BadInput("unreadable_chunk", version, path, "0", ("permission denied",), "read")
+
+
 KINDS: dict[str, Callable[[Path, str], BadInput]] = {
     f.__name__: f
     for f in (
@@ -318,17 +498,38 @@ KINDS: dict[str, Callable[[Path, str], BadInput]] = {
         corrupt_chunk_gzip, truncated_chunk, bad_labels_group, dtype_bool, dtype_complex64,
         axes_no_yx, axes_unknown, empty_array, unknown_version, one_d,
         dotdot_path, levels_ndim, v05_on_zarr_v2,
+        six_d, empty_yx, huge_shape, huge_plane, channel_missing, levels_shape, foreign_label_image,
+        labels_is_file, link_out_chunk, link_out_array, link_out_labels, symlink_loop,
+        unreadable_metadata, unreadable_chunk,
     )
 }
+
+#: Kinds that are bad only where file permissions stop reads (see reads_can_be_denied).
+PERMISSION_KINDS = ("unreadable_metadata", "unreadable_chunk")
 
 #: Kinds written in one version only: v05_on_zarr_v2 is about zarr v2; a truncated
 #: chunk is detected with zstd (v3) only (see truncated_chunk).
 _ONLY = {"v05_on_zarr_v2": ("0.4",), "truncated_chunk": ("0.5",)}
 
-#: Every (kind, version) case.
+#: Every (kind, version) case, but the permission ones.
 CASES: list[tuple[str, str]] = [
-    (kind, version) for kind in KINDS for version in _ONLY.get(kind, ("0.4", "0.5"))
+    (kind, version) for kind in KINDS if kind not in PERMISSION_KINDS
+    for version in _ONLY.get(kind, ("0.4", "0.5"))
 ]
+PERMISSION_CASES: list[tuple[str, str]] = [(k, v) for k in PERMISSION_KINDS for v in ("0.4", "0.5")]
+
+
+def reads_can_be_denied() -> bool:
+    """Whether a chmod 000 file is unreadable to this process (not so for root with CAP_DAC_OVERRIDE)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe"
+        probe.write_bytes(b"x")
+        os.chmod(probe, 0)
+        try:
+            probe.read_bytes()
+        except PermissionError:
+            return True
+        return False
 
 
 def float32_image(folder: Path, version: str) -> Path:
@@ -336,7 +537,25 @@ def float32_image(folder: Path, version: str) -> Path:
     return good_image(Path(folder) / container_name("float32", version), version, dtype="float32")
 
 
-GOOD_CONTROLS: dict[str, Callable[[Path, str], Path]] = {"float32": float32_image}
+#: A container name with spaces, non-ASCII letters and shell-special characters.
+UNICODE_NAME = "Probe Ü 細胞 #1 (Kopie) é & 'x'"
+
+
+def unicode_image(folder: Path, version: str) -> Path:
+    """Positive control: a container named with spaces and non-ASCII letters is processed normally."""
+    return good_image(Path(folder) / f"{UNICODE_NAME} {version}.zarr", version, seed=3)
+
+
+def inner_loop_image(folder: Path, version: str) -> Path:
+    """Positive control: a link loop that stays inside the image ("0/up -> ..") is not followed, no harm."""
+    path = good_image(Path(folder) / container_name("inner_loop", version), version, seed=4)
+    os.symlink("..", path / "0" / "up")
+    return path
+
+
+GOOD_CONTROLS: dict[str, Callable[[Path, str], Path]] = {
+    "float32": float32_image, "unicode": unicode_image, "inner_loop": inner_loop_image,
+}
 
 
 def write_all(folder: Path, cases: list[tuple[str, str]] | None = None) -> list[BadInput]:

@@ -37,12 +37,25 @@ def case_id(case: tuple[str, str]) -> str:
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
-    """Relative path -> sha256 of every file under ``folder`` (links not followed)."""
+    """Relative path -> sha256 of every file under ``folder``.
+
+    Links are not followed: a link is recorded by its target, so a link loop or a
+    link out of the tree is hashed like any file. A file this process cannot read
+    (chmod 000) is recorded by its size, mode and mtime.
+    """
     out = {}
-    for dirpath, _dirs, files in os.walk(folder):
-        for name in files:
+    for dirpath, dirs, files in os.walk(folder):
+        for name in files + [d for d in dirs if (Path(dirpath) / d).is_symlink()]:
             p = Path(dirpath) / name
-            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+            rel = str(p.relative_to(folder))
+            if p.is_symlink():
+                out[rel] = "link -> " + os.readlink(p)
+                continue
+            try:
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            except PermissionError:
+                st = p.stat()
+                out[rel] = f"unreadable {st.st_size} {st.st_mode:o} {st.st_mtime_ns}"
     return out
 
 
@@ -54,13 +67,28 @@ def assert_unchanged_but_labels_group(folder: Path, before: dict[str, str]) -> N
     assert not changed, f"{folder}: files changed or removed: {changed}"
     assert not added, f"{folder}: unexpected new files: {added}"
     labels = folder / "labels"
-    if labels.is_dir():
-        leftovers = [p.name for p in labels.iterdir() if p.is_dir()]
+    if labels.is_dir() and not labels.is_symlink():
+        had = {Path(k).parts[1] for k in before if Path(k).parts[0] == "labels" and len(Path(k).parts) > 2}
+        leftovers = [p.name for p in labels.iterdir() if p.is_dir() and p.name not in had]
         assert not leftovers, f"{folder}: label folders left behind: {leftovers}"
 
 
+def assert_only_labels_changed(folder: Path, before: dict[str, str]) -> None:
+    """Every file outside ``labels/`` is as it was (a processed image gains only its labels group)."""
+    after = tree_hashes(folder)
+    outside = {k: v for k, v in after.items() if Path(k).parts[0] != "labels"}
+    expected = {k: v for k, v in before.items() if Path(k).parts[0] != "labels"}
+    assert outside == expected, (
+        f"{folder}: files outside labels/ changed: "
+        f"{sorted(set(outside.items()) ^ set(expected.items()))[:10]}"
+    )
+
+
 def make_pipeline(tmp_path: Path, root: Path) -> tuple[Pipeline, object]:
-    config = build_config({"state_dir": str(tmp_path / "state"), "watch": {"roots": [{"path": str(root)}]}})
+    config = build_config({
+        "state_dir": str(tmp_path / "state"), "watch": {"roots": [{"path": str(root)}]},
+        "segmentation": {"channels": badinput.CONFIG_CHANNELS},
+    })
     return Pipeline(config, build_plugin_manager()), config.watch.roots[0]
 
 
@@ -85,9 +113,12 @@ def test_bad_input_raises_clear_image_error(tmp_path: Path, case: tuple[str, str
     if bad.stage in ("chunks", "read", "job"):
         image = open_image(bad.path)  # metadata is fine ...
         assert image.fingerprint
+        t0 = time.perf_counter()
         missing, total = image.missing_chunks()
-        if bad.stage == "chunks":  # ... but 3 of the 8 level-0 chunks are gone
-            assert (missing, total) == (3, 8)
+        # Counted from the files on disk, not by enumerating the declared chunk grid.
+        assert time.perf_counter() - t0 < 2.0
+        if bad.stage == "chunks":  # ... but some level-0 chunks are gone (or never written)
+            assert (missing, total) == bad.missing
         else:
             assert missing == 0
     if bad.stage == "read":  # ... but the pixels of channel 0, plane (0, 0) cannot be decoded
@@ -99,8 +130,9 @@ def test_bad_input_raises_clear_image_error(tmp_path: Path, case: tuple[str, str
     if bad.stage == "chunks":
         # Missing chunks read as the fill value (they may be skipped empty chunks, see
         # readiness.allow_missing_chunks); the daemon rejects them at readiness instead.
-        result = pipeline.run(bad.path, root, bad.path)
-        assert result.planes == 1
+        if total <= 64:  # (not the billion planes of huge_shape)
+            result = pipeline.run(bad.path, root, bad.path)
+            assert result.planes == 1
         return
     with pytest.raises(ImageError) as err:
         pipeline.run(bad.path, root, bad.path)

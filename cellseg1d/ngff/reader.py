@@ -304,7 +304,8 @@ def _check_axes(path: Path, axes_meta: Any) -> tuple[tuple[str, ...], list[dict[
     unknown = [n for n in names if n not in KNOWN_AXES]
     if unknown:
         raise ImageError(
-            f"{path}: unsupported axes {unknown} in {list(names)}; cellseg1d handles t, c, z, y, x"
+            f"{path}: unsupported axes {unknown} in {list(names)}; cellseg1d handles t, c, z, y, x "
+            "(at most 5-D): store each value of the extra axis as its own image"
         )
     if len(set(names)) != len(names):
         raise ImageError(f"{path}: repeated axis names in {list(names)}")
@@ -389,12 +390,16 @@ def open_image(path: Path) -> OmeImage:
             "integer or floating-point pixels are needed"
         )
     if 0 in base.shape:
-        raise ImageError(f"array {path / levels[0].path} is empty (shape {base.shape})")
+        raise ImageError(
+            f"array {path / levels[0].path} is empty (shape {base.shape}, an axis of length 0): "
+            "nothing to segment; it is looked at again when the image changes"
+        )
     plane_pixels = base.shape[axes.index("y")] * base.shape[axes.index("x")]
     if plane_pixels > MAX_PLANE_PIXELS:
         raise ImageError(
             f"array {path / levels[0].path}: a y/x plane of {plane_pixels} pixels exceeds the "
-            f"{MAX_PLANE_PIXELS}-pixel limit for one plane"
+            f"{MAX_PLANE_PIXELS}-pixel limit for one plane; check the shape in its metadata "
+            "or split the image into smaller fields"
         )
     for level in levels[1:]:
         for axis, n0, n in zip(axes, base.shape, level.array.shape, strict=True):
