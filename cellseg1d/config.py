@@ -13,6 +13,7 @@ when they can be (numbers, booleans), else taken as strings.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +30,51 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+_PLACEHOLDER = re.compile(r"{([^{}]*)}")
+
+
+class ExperimentRule(_Section):
+    """Maps images to an experiment: by glob or regular expression on the path, or by a metadata key.
+
+    Exactly one of ``glob``, ``regex`` and ``metadata`` is given. Paths are
+    matched relative to the watched folder, with ``/`` separators (e.g.
+    ``hela/2026-01-05/plate1.zarr/A/1/0``). ``experiment`` may use the named
+    groups of ``regex`` (``{stain}``) or, for ``metadata`` rules, ``{value}``.
+    """
+
+    #: Shell-style pattern on the path under the root (``*`` stays within one folder, ``**`` spans folders).
+    glob: str | None = None
+    #: Regular expression searched in the path under the root; named groups fill ``experiment``.
+    regex: str | None = None
+    #: Dotted key in the image group's attributes (or a group above it), e.g. ``"acquisition.experiment"``.
+    metadata: str | None = None
+    #: The experiment name, a template: ``"{stain}-{scope}"`` (regex) or ``"{value}"`` (metadata).
+    experiment: str = "{value}"
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentRule:
+        given = [k for k in ("glob", "regex", "metadata") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of glob, regex or metadata")
+        names = set(_PLACEHOLDER.findall(self.experiment))
+        if self.regex is not None:
+            try:
+                groups = set(re.compile(self.regex).groupindex)
+            except re.error as err:
+                raise ValueError(f"regex {self.regex!r} is not a valid regular expression: {err}") from None
+            allowed, what = groups, f"named groups of the regex ({sorted(groups) or 'none'})"
+        elif self.metadata is not None:
+            allowed, what = {"value"}, "{value} (the metadata value)"
+        else:
+            allowed, what = set(), "no placeholders for a glob rule"
+        unknown = sorted(names - allowed)
+        if unknown:
+            raise ValueError(f"experiment {self.experiment!r} uses {unknown}; allowed: {what}")
+        if not self.experiment.strip():
+            raise ValueError("experiment must not be empty")
+        return self
+
+
 class WatchRoot(_Section):
     """One acquisition folder to watch (recursively)."""
 
@@ -38,6 +84,14 @@ class WatchRoot(_Section):
     #: ``<mirror_root>/<image path under the root>/labels/<name>``.
     output: Literal["in_place", "mirror"] = "in_place"
     mirror_root: Path | None = None
+    #: Rules naming each image's experiment; the first that matches wins. Plugins
+    #: (``resolve_experiment`` hook) are asked first; no answer: experiment "default".
+    experiments: list[ExperimentRule] = Field(default_factory=list)
+    #: With SAM configured, what an image whose experiment has no adapter assigned gets:
+    #: "default": the default adapter (the one assigned to experiment "default", else
+    #: ``sam.adapter``, else the base model); "classical": the classical segmenter;
+    #: "hold": its job waits (state "held") until an adapter is assigned.
+    without_adapter: Literal["default", "classical", "hold"] = "default"
 
     @field_validator("path", "mirror_root")
     @classmethod
@@ -101,6 +155,10 @@ class SegmentationSettings(_Section):
     channels: list[str | int] = Field(default_factory=list)
     #: Name of the label image written under ``labels/``.
     labels_name: str = "cellseg1d"
+    #: false: a new run (e.g. ``cellseg1d reprocess`` with a new adapter version) replaces
+    #: the label image atomically. true: runs with a registered adapter write
+    #: ``<labels_name>-<adapter>-v<version>``, so every version's labels stay side by side.
+    versioned_labels: bool = False
 
     @field_validator("labels_name")
     @classmethod
@@ -128,8 +186,11 @@ class SamSettings(_Section):
     model_type: str = "vit_b"
     #: Load a checkpoint whose sha256 is not the official one for ``model_type`` (fine-tuned bases).
     allow_custom_checkpoint: bool = False
-    #: A LoRA adapter folder (``adapter.safetensors`` + ``adapter.json``) made by ``cellseg1d train``.
+    #: A LoRA adapter folder (``adapter.safetensors`` + ``adapter.json``) made by ``cellseg1d train``,
+    #: used when an image's experiment has no adapter assigned and none is assigned to "default".
     adapter: Path | None = None
+    #: How many adapters stay loaded on the base model (LRU); switching to a cached one is cheap.
+    adapter_cache_size: int = Field(8, ge=1, le=256)
     device: str = "auto"
     image_size: int = Field(512, ge=64)
     points_per_side: int = Field(32, ge=1)
@@ -142,6 +203,18 @@ class SamSettings(_Section):
     tile_overlap: int = Field(256, ge=0)
 
     @field_validator("checkpoint", "adapter")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().resolve()
+
+
+class AdapterSettings(_Section):
+    """The adapter store (``cellseg1d adapters add``)."""
+
+    #: Folder holding registered adapters as ``<name>/v<version>/``; empty: ``<state_dir>/adapters``.
+    store: Path | None = None
+
+    @field_validator("store")
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
@@ -177,6 +250,7 @@ class Config(_Section):
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
     classical: ClassicalSettings = Field(default_factory=ClassicalSettings)
     sam: SamSettings = Field(default_factory=SamSettings)
+    adapters: AdapterSettings = Field(default_factory=AdapterSettings)
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     plugins: PluginSettings = Field(default_factory=PluginSettings)
@@ -192,6 +266,11 @@ class Config(_Section):
     def catalog_url(self) -> str:
         """The catalog URL, defaulting to a SQLite file in the state directory."""
         return self.catalog.url or f"sqlite:///{self.state_dir / 'catalog.sqlite'}"
+
+    @property
+    def adapter_store(self) -> Path:
+        """The adapter store folder, defaulting to ``adapters`` in the state directory."""
+        return self.adapters.store or self.state_dir / "adapters"
 
     def check_runnable(self) -> None:
         """Checks that only matter when the daemon starts (not for ``status``)."""

@@ -22,26 +22,22 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from cellseg1d import PIPELINE_VERSION, __version__
-from cellseg1d.catalog import Catalog
+from cellseg1d import __version__
+from cellseg1d.catalog import Adapter, Catalog
 from cellseg1d.catalog.db import redact
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
-from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue
+from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue, held_jobs, release_held, run_key, run_key_prefix
 from cellseg1d.ngff.discover import container_of
 from cellseg1d.ngff.reader import open_image
 from cellseg1d.pipeline import Pipeline
 from cellseg1d.plugins import build_plugin_manager, plugin_at_fault, plugin_names
-from cellseg1d.types import ReadinessQuery
+from cellseg1d.registry import adapter_ref, ensure_experiment, route_for
+from cellseg1d.types import AdapterRef, ReadinessQuery
 from cellseg1d.watch import Candidate, ImageTracker, Watcher
 
 log = logging.getLogger("cellseg1d.daemon")
 TICK_SECONDS = 0.2
-
-
-def run_key(fingerprint: str) -> str:
-    """Identity of one run: the same image version through the same pipeline runs once."""
-    return f"{fingerprint}:p{PIPELINE_VERSION}"
 
 
 class StateDirLock:
@@ -146,6 +142,8 @@ class Daemon:
             config.jobs.max_attempts, config.jobs.retry_backoff_seconds,
         )
         self.pipeline = Pipeline(config, self.pm)
+        #: Whether the built-in SAM segmenter runs (adapters, experiments' routes apply).
+        self.sam_enabled = config.sam.checkpoint is not None and self.pm.has_plugin("sam")
         self.roots = config.watch.roots
         self.tracker = ImageTracker(
             [r.path.resolve() for r in self.roots], config.watch.container_suffixes,
@@ -184,6 +182,7 @@ class Daemon:
         )
         self.queue.reclaim_node(self.node_id)
         self.queue.reclaim_expired()
+        self._reroute_held()
         try:
             self._start_watcher(cfg.watch.polling)
         except OSError as err:
@@ -208,6 +207,7 @@ class Daemon:
                 if time.monotonic() >= next_rescan:
                     self.tracker.rescan()
                     self.queue.reclaim_expired()
+                    self._reroute_held()
                     next_rescan = time.monotonic() + cfg.watch.rescan_seconds
                 self._check_watcher()
                 self.stop_event.wait(TICK_SECONDS)
@@ -243,12 +243,13 @@ class Daemon:
         except Exception:  # never let one bad folder stop the scheduler
             log.exception("unexpected error while checking images; continuing")
 
-    def _facts(self, path: Path, container: Path, root_index: int, image: Any = None) -> ImageFacts:
+    def _facts(self, path: Path, container: Path, root_index: int, image: Any = None,
+               experiment: str | None = None) -> ImageFacts:
         facts = ImageFacts(str(path), str(self.roots[root_index].path), str(container))
         if image is not None:
             facts = ImageFacts(
                 facts.path, facts.root, facts.container, image.fingerprint, image.ngff_version,
-                "".join(image.axes), "x".join(map(str, image.shape)), str(image.dtype),
+                "".join(image.axes), "x".join(map(str, image.shape)), str(image.dtype), experiment,
             )
         return facts
 
@@ -306,12 +307,54 @@ class Daemon:
             self.tracker.postpone(cand, min(30.0, max(2.0, settings.settle_seconds)))
             return
         self._waiting_logged.discard(cand.image)
-        job_id = self.queue.enqueue(self._facts(cand.image, cand.container, cand.root_index, image),
-                                    run_key(image.fingerprint))
+        if self.queue.has_version(str(cand.image), run_key_prefix(image.fingerprint)):
+            self.tracker.settled(cand)  # this version was queued before (restart, rescan): nothing to do
+            return
+        root = self.roots[cand.root_index]
+        try:
+            experiment = self.pipeline.experiment_for(image, root)
+        except PluginError as err:
+            self._reject(cand.image, cand.container, cand.root_index, str(err), err.plugin, image)
+            self.tracker.settled(cand)
+            return
+        ensure_experiment(self.catalog, experiment)
+        route = route_for(self.catalog, experiment, root, self.sam_enabled)
+        job_id = self.queue.enqueue(
+            self._facts(cand.image, cand.container, cand.root_index, image, experiment),
+            run_key(image.fingerprint, route.tag), adapter_id=route.adapter_id, held=route.held,
+            once_per=run_key_prefix(image.fingerprint),
+        )
         self.tracker.settled(cand)
-        if job_id is not None:
-            log.info("queued %s (job %d)", cand.image, job_id)
+        if job_id is None:
+            return
+        if route.held:
+            log.warning("holding %s (job %d): experiment %r has no adapter; assign one with "
+                        "'cellseg1d adapters assign %s NAME' and the job runs", cand.image, job_id,
+                        experiment, experiment)
+        else:
+            log.info("queued %s (job %d, experiment %s%s)", cand.image, job_id, experiment,
+                     f", {route.tag}" if route.tag else "")
             self.work_event.set()
+
+    def _reroute_held(self) -> None:
+        """Queue held jobs whose experiment got an adapter (or whose root no longer holds)."""
+        if not self.sam_enabled:
+            return
+        try:
+            with self.catalog.session() as s:
+                waiting = held_jobs(s)
+            released = 0
+            for job in waiting:
+                route = route_for(self.catalog, job.experiment or "default", self._root_for(job.root),
+                                  self.sam_enabled)
+                if not route.held:
+                    with self.catalog.session() as s:
+                        released += release_held(s, job, route.tag, route.adapter_id)
+            if released:
+                log.info("released %d held job(s)", released)
+                self.work_event.set()
+        except Exception as err:  # never let this stop the scheduler
+            log.error("cannot check held jobs: %s", err)
 
     def _log_waiting(self, cand: Candidate, why: str) -> None:
         if cand.image not in self._waiting_logged:
@@ -324,10 +367,11 @@ class Daemon:
         return next((r for r in self.roots if str(r.path) == root), None)
 
     def _worker_loop(self) -> None:
+        last_adapter: int | None = None
         while not self.stop_event.is_set():
             self.work_event.clear()  # before claiming, so a wake-up during the claim is not lost
             try:
-                job = self.queue.claim()
+                job = self.queue.claim(prefer_adapter=last_adapter)
             except Exception as err:
                 log.error("cannot claim work from the catalog: %s; retrying in 5 s", err)
                 self.stop_event.wait(5)
@@ -335,6 +379,7 @@ class Daemon:
             if job is None:
                 self.work_event.wait(1.0)
                 continue
+            last_adapter = job.adapter_id if job.adapter_id is not None else last_adapter
             try:
                 self._process(job)
             except Exception:
@@ -348,13 +393,26 @@ class Daemon:
                             permanent=True)
             return
         container = container_of(path, root.path, self.config.watch.container_suffixes) or path
+        adapter: AdapterRef | None = None
+        if job.adapter_id is not None:
+            with self.catalog.session() as s:
+                row = s.get(Adapter, job.adapter_id)
+                if row is not None and row.removed_at is None:
+                    adapter = adapter_ref(row)
+            if adapter is None:
+                self._failed(job, f"{path}: the adapter this job was queued with (id {job.adapter_id}) was removed "
+                             "from the registry; assign another one and run 'cellseg1d reprocess'",
+                             permanent=True, plugin=None)
+                return
         heartbeat = Heartbeat(self.queue, job, max(1.0, self.config.jobs.lease_seconds / 3))
         heartbeat.start()
         started = time.perf_counter()
-        log.info("processing %s (job %d, attempt %d)", path, job.job_id, job.attempt)
+        log.info("processing %s (job %d, attempt %d%s)", path, job.job_id, job.attempt,
+                 f", adapter {adapter.label}" if adapter else "")
         try:
             result = self.pipeline.run(
-                path, root, container, should_abort=lambda: self.abort_event.is_set() or heartbeat.lost
+                path, root, container, should_abort=lambda: self.abort_event.is_set() or heartbeat.lost,
+                experiment=job.experiment, adapter=adapter, fallback=job.run_key.endswith(":classical"),
             )
         except JobAborted as err:
             self.queue.release(job)

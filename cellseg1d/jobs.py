@@ -2,14 +2,22 @@
 
 ::
 
-    queued --claim--> running --complete--> done
-       ^                 |  \\--fail(permanent or attempts used up)--> failed
-       |                 \\--fail(transient)--> queued (next_attempt_at = now + backoff)
-       \\--release / lease expired (crash)--/
+    held --adapter assigned--> queued --claim--> running --complete--> done
+                                 ^                 |  \\--fail(permanent or attempts used up)--> failed
+                                 |                 \\--fail(transient)--> queued (next_attempt_at = now + backoff)
+                                 \\--release / lease expired (crash)--/
 
 Claiming is an optimistic conditional UPDATE (``WHERE state = 'queued'``), so
 two workers, threads or daemons sharing a catalog never run the same job; the
-one whose UPDATE matched a row owns the job until its lease expires.
+one whose UPDATE matched a row owns the job until its lease expires. A job is
+``held`` while its experiment has no adapter and its root says to wait; it
+keeps its place (nothing is dropped) and is queued when an adapter is assigned.
+
+Run keys are ``<image fingerprint>:p<pipeline version>[:<route>]``, the route
+being the adapter version (``hela@v3``), ``default``, ``classical`` or
+``held``. The scheduler queues an image version at most once whatever the
+route (restarts never double-process); ``cellseg1d reprocess`` asks for an
+exact run key, so a new adapter version makes a new run.
 """
 
 from __future__ import annotations
@@ -19,12 +27,24 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from cellseg1d import PIPELINE_VERSION
 from cellseg1d.catalog import Catalog, Image, ImageStatus, Job, JobState, Result, utcnow
 
 log = logging.getLogger(__name__)
+HELD_TAG = "held"
+
+
+def run_key_prefix(fingerprint: str) -> str:
+    """The part of a run key naming the image version and pipeline version."""
+    return f"{fingerprint}:p{PIPELINE_VERSION}"
+
+
+def run_key(fingerprint: str, route: str | None = None) -> str:
+    """Identity of one run: the same image version through the same pipeline and adapter version runs once."""
+    return run_key_prefix(fingerprint) + (f":{route}" if route else "")
 
 
 @dataclass(frozen=True)
@@ -39,6 +59,7 @@ class ImageFacts:
     axes: str | None = None
     shape: str | None = None
     dtype: str | None = None
+    experiment: str | None = None
 
 
 @dataclass(frozen=True)
@@ -51,6 +72,8 @@ class ClaimedJob:
     root: str
     run_key: str
     attempt: int
+    experiment: str | None = None
+    adapter_id: int | None = None
 
 
 class JobQueue:
@@ -85,14 +108,23 @@ class JobQueue:
         session.flush()
         return image
 
-    def enqueue(self, facts: ImageFacts, run_key: str) -> int | None:
-        """Queue a run of an image unless a job with this run key exists; return the new job id."""
+    def enqueue(self, facts: ImageFacts, run_key: str, *, adapter_id: int | None = None, held: bool = False,
+                once_per: str | None = None) -> int | None:
+        """Queue a run of an image unless a job with this run key exists; return the new job id.
+
+        ``once_per``: a run key prefix (:func:`run_key_prefix`); no job is queued
+        when the image has any run under it, whatever its route. ``held``: the
+        job waits in state ``held`` until an adapter is assigned.
+        """
         try:
             with self.catalog.session() as s:
-                if self._has_run(s, facts.path, run_key):
+                if self._has_run(s, facts.path, run_key) or (
+                        once_per is not None and self._has_version(s, facts.path, once_per)):
                     return None
-                image = self._upsert_image(s, facts, ImageStatus.QUEUED, None)
-                job = Job(image_id=image.id, run_key=run_key, state=JobState.QUEUED, attempts=0, created_at=utcnow())
+                status = ImageStatus.HELD if held else ImageStatus.QUEUED
+                image = self._upsert_image(s, facts, status, None)
+                job = Job(image_id=image.id, run_key=run_key, state=JobState.HELD if held else JobState.QUEUED,
+                          attempts=0, created_at=utcnow(), experiment=facts.experiment, adapter_id=adapter_id)
                 s.add(job)
                 s.flush()
                 return job.id
@@ -117,27 +149,49 @@ class JobQueue:
         except IntegrityError:
             return False
 
+    def has_version(self, path: str, prefix: str) -> bool:
+        """Whether the image at ``path`` has any run under run key prefix ``prefix``."""
+        with self.catalog.session() as s:
+            return self._has_version(s, path, prefix)
+
     @staticmethod
     def _has_run(session: Any, path: str, run_key: str) -> bool:
         return session.scalar(
             select(Job.id).join(Image).where(Image.path == path, Job.run_key == run_key).limit(1)
         ) is not None
 
+    @staticmethod
+    def _has_version(session: Any, path: str, prefix: str) -> bool:
+        """Whether the image has a run of this version under any route (prefix has no LIKE wildcards)."""
+        return session.scalar(
+            select(Job.id).join(Image)
+            .where(Image.path == path, or_(Job.run_key == prefix, Job.run_key.like(prefix + ":%")))
+            .limit(1)
+        ) is not None
+
     # -- working ------------------------------------------------------------
 
-    def claim(self) -> ClaimedJob | None:
-        """Take the oldest runnable queued job, or return None when there is none."""
+    def claim(self, prefer_adapter: int | None = None) -> ClaimedJob | None:
+        """Take the oldest runnable queued job, or return None when there is none.
+
+        Jobs with adapter ``prefer_adapter`` (the one the worker ran last) come
+        first, so that runs are grouped by adapter and the model switches less.
+        """
         for _ in range(5):
             now = utcnow()
+            order = [Job.id]
+            if prefer_adapter is not None:
+                order.insert(0, case((Job.adapter_id == prefer_adapter, 0), else_=1))
             with self.catalog.session() as s:
                 row = s.execute(
-                    select(Job.id, Job.image_id, Job.run_key, Job.attempts, Image.path, Image.root)
+                    select(Job.id, Job.image_id, Job.run_key, Job.attempts, Job.experiment, Job.adapter_id,
+                           Image.path, Image.root)
                     .join(Image)
                     .where(
                         Job.state == JobState.QUEUED,
                         or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
                     )
-                    .order_by(Job.id)
+                    .order_by(*order)
                     .limit(1)
                 ).first()
                 if row is None:
@@ -155,7 +209,8 @@ class JobQueue:
                         update(Image).where(Image.id == row.image_id)
                         .values(status=ImageStatus.PROCESSING, updated_at=now)
                     )
-                    return ClaimedJob(row.id, row.image_id, row.path, row.root, row.run_key, row.attempts + 1)
+                    return ClaimedJob(row.id, row.image_id, row.path, row.root, row.run_key, row.attempts + 1,
+                                      row.experiment, row.adapter_id)
         return None
 
     def _owned(self, job_id: int) -> Any:
@@ -252,3 +307,48 @@ class JobQueue:
         if n:
             log.warning("requeued %d job(s) interrupted when this daemon last stopped", n)
         return n
+
+
+@dataclass(frozen=True)
+class HeldJob:
+    """A job waiting for an adapter."""
+
+    job_id: int
+    image_id: int
+    image_path: str
+    root: str
+    experiment: str | None
+    run_key: str
+
+
+def held_jobs(session: Any, experiment: str | None = None) -> list[HeldJob]:
+    """Held jobs (of one experiment, or all), oldest first."""
+    query = (select(Job.id, Job.image_id, Image.path, Image.root, Job.experiment, Job.run_key)
+             .join(Image).where(Job.state == JobState.HELD).order_by(Job.id))
+    if experiment is not None:
+        query = query.where(Job.experiment == experiment)
+    return [HeldJob(*row) for row in session.execute(query).all()]
+
+
+def release_held(session: Any, job: HeldJob, route: str | None, adapter_id: int | None) -> bool:
+    """Queue a held job with the route it now has (its run key says so); False if it was not held any more.
+
+    When an identical run already exists (same image version and route) the
+    held job is failed as a duplicate instead, naming that run.
+    """
+    prefix = job.run_key.removesuffix(":" + HELD_TAG)
+    new_key = prefix + (f":{route}" if route else "")
+    now = utcnow()
+    existing = session.scalar(select(Job.id).where(Job.image_id == job.image_id, Job.run_key == new_key))
+    if existing is not None:
+        values: dict[str, Any] = dict(state=JobState.FAILED, finished_at=now,
+                                      error=f"held run superseded by job {existing} (same image version and adapter)")
+    else:
+        values = dict(state=JobState.QUEUED, run_key=new_key, adapter_id=adapter_id)
+    changed = session.execute(
+        update(Job).where(Job.id == job.job_id, Job.state == JobState.HELD).values(**values)
+    ).rowcount
+    if changed and existing is None:
+        session.execute(update(Image).where(Image.id == job.image_id, Image.status == ImageStatus.HELD)
+                        .values(status=ImageStatus.QUEUED, updated_at=now))
+    return bool(changed) and existing is None

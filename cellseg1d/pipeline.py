@@ -1,5 +1,9 @@
 """Run one image through the hooks: experiment -> segment every plane -> exports -> publish labels.
 
+The worker passes the experiment and adapter the job was queued with (the
+scheduler resolved them); without them (``cellseg1d segment``) the
+experiment is resolved here.
+
 Nothing is visible to users until the end: label planes are written to a
 staging label group and export files to temporary names; only when every
 plane and every export succeeded are they renamed into place. The caller
@@ -19,15 +23,17 @@ import numpy as np
 import pluggy
 
 from cellseg1d import PIPELINE_VERSION, __version__
+from cellseg1d import experiments as experiment_rules
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import ImageError, JobAborted, PluginError
+from cellseg1d.experiments import DEFAULT_EXPERIMENT
 from cellseg1d.ngff.labels import LabelsTarget, StagedLabels
+from cellseg1d.ngff.names import check_output_name
 from cellseg1d.ngff.reader import OmeImage, open_image
 from cellseg1d.plugins import plugin_at_fault
-from cellseg1d.types import ExportContext, LabelsView, SegmentRequest, Segmentation
+from cellseg1d.types import AdapterRef, ExportContext, LabelsView, SegmentRequest, Segmentation
 
 log = logging.getLogger(__name__)
-DEFAULT_EXPERIMENT = "default"
 EXPORTS_SUFFIX = ".cellseg1d"
 
 
@@ -44,9 +50,13 @@ class PipelineResult:
     timings: dict[str, float] = field(default_factory=dict)
     #: The segmenter's ``details`` for the first plane (model versions, parameters).
     segmentation: dict[str, Any] = field(default_factory=dict)
+    #: Experiment, adapter, base model, settings and versions (also in the label group's metadata).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     def catalog_fields(self) -> dict[str, Any]:
+        """The columns of the catalog's result row."""
         return {
+            "provenance": self.provenance,
             "labels_path": self.labels_path,
             "object_count": self.object_count,
             "planes": self.planes,
@@ -75,6 +85,36 @@ def exports_dir(image_path: Path, container: Path, root: WatchRoot) -> Path:
         assert root.mirror_root is not None
         base = root.mirror_root / base.relative_to(root.path)
     return base / image_path.relative_to(container)
+
+
+def labels_name_for(config: Config, adapter: AdapterRef | None) -> str:
+    """The label image name: ``segmentation.labels_name``, with the adapter version when versioned."""
+    name = config.segmentation.labels_name
+    if adapter is None or not config.segmentation.versioned_labels:
+        return name
+    return check_output_name(f"{name}-{adapter.name}-v{adapter.version}")
+
+
+def build_provenance(config: Config, experiment: str, segmenter: str, details: dict[str, Any],
+                     channels: tuple[str, ...], fingerprint: str) -> dict[str, Any]:
+    """What produced a label image: experiment, adapter, base model, settings and versions.
+
+    Adapter and base model come from the segmenter's ``details`` (what it really
+    used: ``adapter`` = {name, version, sha256}, ``model_type``,
+    ``checkpoint_sha256``, ``settings``); None when it used none.
+    """
+    settings = details.get("settings") or details.get("params") or {}
+    base = None
+    if details.get("model_type") is not None:
+        base = {"type": details["model_type"], "sha256": details.get("checkpoint_sha256")}
+    return {
+        "version": __version__, "pipeline_version": PIPELINE_VERSION, "segmenter": segmenter,
+        "experiment": experiment, "adapter": details.get("adapter"), "base_model": base,
+        "settings": {"segmenter": settings, "channels": list(channels),
+                     "labels_name": config.segmentation.labels_name,
+                     "versioned_labels": config.segmentation.versioned_labels},
+        "channels": list(channels), "source_fingerprint": fingerprint,
+    }
 
 
 def pixel_size(image: OmeImage) -> tuple[float, float] | None:
@@ -147,6 +187,16 @@ class Pipeline:
     def __init__(self, config: Config, pm: pluggy.PluginManager) -> None:
         self.config = config
         self.pm = pm
+        if not pm.has_plugin(experiment_rules.PLUGIN_NAME):
+            # The config's experiment rules answer after every plugin (trylast).
+            pm.register(experiment_rules, name=experiment_rules.PLUGIN_NAME)
+
+    def experiment_for(self, image: OmeImage, root: WatchRoot) -> str:
+        """The image's experiment: plugins, then the root's rules, else ``"default"``."""
+        name = _call_hook(self.pm, "resolve_experiment", image=image, root=root)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise PluginError("unknown", "resolve_experiment", f"returned {name!r}; expected a non-empty str or None")
+        return name.strip() if name else DEFAULT_EXPERIMENT
 
     def run(
         self,
@@ -155,19 +205,29 @@ class Pipeline:
         container: Path,
         should_abort: Callable[[], bool] = lambda: False,
         on_plane: Callable[[int, int], None] | None = None,
+        *,
+        experiment: str | None = None,
+        adapter: AdapterRef | None = None,
+        fallback: bool = False,
     ) -> PipelineResult:
-        """Segment every plane of the image at ``image_path`` and publish the outputs."""
+        """Segment every plane of the image at ``image_path`` and publish the outputs.
+
+        ``experiment`` and ``adapter`` are those the job was queued with
+        (``experiment`` is resolved here when None); ``fallback`` asks model
+        segmenters to step aside for the classical one.
+        """
         started = time.perf_counter()
         timings = {"read": 0.0, "segment": 0.0, "write": 0.0}
         if not image_path.exists():
             raise ImageError(f"{image_path} no longer exists (deleted or moved before processing)")
         image = open_image(image_path)
-        experiment = _call_hook(self.pm, "resolve_experiment", image=image, root=root) or DEFAULT_EXPERIMENT
+        if experiment is None:
+            experiment = self.experiment_for(image, root)
         channels = image.channel_indices(self.config.segmentation.channels)
         channel_names = tuple(
             image.channel_names[i] if i < len(image.channel_names) else f"ch{i}" for i in channels
         )
-        target = LabelsTarget(output_base(image_path, root), self.config.segmentation.labels_name)
+        target = LabelsTarget(output_base(image_path, root), labels_name_for(self.config, adapter))
         staged = StagedLabels.create(image, target)
         context = ExportContext(
             experiment=experiment,
@@ -189,7 +249,7 @@ class Pipeline:
                 t1 = time.perf_counter()
                 request = SegmentRequest(
                     image_path=image_path, experiment=experiment, t=t, z=z, channels=channel_names,
-                    pixel_size=pixel_size(image), config=self.config,
+                    pixel_size=pixel_size(image), config=self.config, adapter=adapter, fallback=fallback,
                 )
                 seg = _call_hook(self.pm, "segment", plane=plane, request=request)
                 if seg is None:
@@ -213,14 +273,9 @@ class Pipeline:
                     on_plane(done + 1, len(planes))
             segmenter = ",".join(sorted(segmenters))
             t4 = time.perf_counter()
-            staged.finish(
-                n_objects,
-                provenance={
-                    "version": __version__, "pipeline_version": PIPELINE_VERSION,
-                    "segmenter": segmenter, "experiment": experiment,
-                    "channels": list(channel_names), "source_fingerprint": image.fingerprint,
-                },
-            )
+            provenance = build_provenance(self.config, experiment, segmenter, details, channel_names,
+                                          image.fingerprint)
+            staged.finish(n_objects, provenance=provenance)
             timings["pyramid"] = time.perf_counter() - t4
             view = LabelsView(staged.read_plane, planes, n_objects)
             t5 = time.perf_counter()
@@ -237,5 +292,5 @@ class Pipeline:
         return PipelineResult(
             labels_path=str(final), object_count=n_objects, planes=len(planes),
             segmenter=segmenter, experiment=experiment, exports=exports, timings=timings,
-            segmentation=details,
+            segmentation=details, provenance=provenance,
         )

@@ -8,19 +8,34 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import func, select
 
-from cellseg1d.catalog import Catalog, Image, Job, JobState, Result
+from cellseg1d.catalog import Adapter, Catalog, Image, Job, JobState, Result
+
+
+def _adapter_label(name: str | None, version: int | None) -> str | None:
+    return f"{name}@v{version}" if name is not None else None
 
 
 def status_report(catalog: Catalog, recent: int = 10) -> dict[str, Any]:
-    """Counts of images and jobs by state, the queue, and the most recent failures."""
+    """Counts of images and jobs by state, the queue, held jobs by experiment, and the most recent failures."""
     with catalog.session() as s:
         images = dict(s.execute(select(Image.status, func.count()).group_by(Image.status)).all())
         jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
         queue = [
             {"job": j.id, "image": path, "state": j.state, "attempts": j.attempts,
-             "lease_owner": j.lease_owner, "next_attempt_at": j.next_attempt_at}
-            for j, path in s.execute(
-                select(Job, Image.path).join(Image).where(Job.state.in_(JobState.ACTIVE)).order_by(Job.id).limit(50)
+             "lease_owner": j.lease_owner, "next_attempt_at": j.next_attempt_at,
+             "experiment": j.experiment, "adapter": _adapter_label(name, version)}
+            for j, path, name, version in s.execute(
+                select(Job, Image.path, Adapter.name, Adapter.version).join(Image)
+                .outerjoin(Adapter, Adapter.id == Job.adapter_id)
+                .where(Job.state.in_((*JobState.ACTIVE, JobState.HELD))).order_by(Job.id).limit(50)
+            ).all()
+        ]
+        held = [
+            {"experiment": experiment, "jobs": int(count),
+             "hint": f"cellseg1d adapters assign {experiment or 'default'} ADAPTER"}
+            for experiment, count in s.execute(
+                select(Job.experiment, func.count()).where(Job.state == JobState.HELD)
+                .group_by(Job.experiment).order_by(Job.experiment)
             ).all()
         ]
         failures = [
@@ -32,7 +47,7 @@ def status_report(catalog: Catalog, recent: int = 10) -> dict[str, Any]:
         ]
         objects = s.scalar(select(func.coalesce(func.sum(Result.object_count), 0)))
     return {"images": images, "jobs": jobs, "objects_found": int(objects or 0),
-            "queue": queue, "recent_failures": failures}
+            "queue": queue, "held": held, "recent_failures": failures}
 
 
 def list_images(catalog: Catalog, status: str | None = None, contains: str | None = None,
@@ -48,8 +63,12 @@ def list_images(catalog: Catalog, status: str | None = None, contains: str | Non
         for image in s.scalars(query):
             latest = image.jobs[-1] if image.jobs else None
             result = latest.result if latest is not None else None
+            provenance = (result.provenance or {}) if result else {}
+            adapter = provenance.get("adapter") or {}
             rows.append({
-                "path": image.path, "status": image.status, "shape": image.shape, "axes": image.axes,
+                "path": image.path, "status": image.status, "experiment": image.experiment,
+                "adapter": _adapter_label(adapter.get("name"), adapter.get("version")) if adapter else None,
+                "runs": len(image.jobs), "shape": image.shape, "axes": image.axes,
                 "ngff": image.ngff_version, "objects": result.object_count if result else None,
                 "segmenter": result.segmenter if result else None,
                 "seconds": round(latest.seconds, 3) if latest and latest.seconds else None,
@@ -64,17 +83,25 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
     counts = Table(title="cellseg1d catalog")
     counts.add_column("images")
     counts.add_column("count", justify="right")
-    for key in ("queued", "processing", "done", "failed"):
+    for key in ("queued", "held", "processing", "done", "failed"):
         counts.add_row(key, str(report["images"].get(key, 0)))
     counts.add_row("objects found", str(report["objects_found"]))
     console.print(counts)
     if report["queue"]:
         queue = Table(title="queue")
-        for col in ("job", "state", "attempts", "image"):
+        for col in ("job", "state", "attempts", "experiment", "adapter", "image"):
             queue.add_column(col)
         for row in report["queue"]:
-            queue.add_row(str(row["job"]), row["state"], str(row["attempts"]), row["image"])
+            queue.add_row(str(row["job"]), row["state"], str(row["attempts"]), row["experiment"] or "",
+                          row["adapter"] or "", row["image"])
         console.print(queue)
+    if report.get("held"):
+        held = Table(title="held: waiting for an adapter")
+        for col in ("experiment", "jobs", "to release them"):
+            held.add_column(col)
+        for row in report["held"]:
+            held.add_row(row["experiment"] or "", str(row["jobs"]), row["hint"])
+        console.print(held)
     if report["recent_failures"]:
         fails = Table(title="recent failures")
         fails.add_column("image", overflow="fold")
@@ -87,11 +114,12 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
 def print_images(rows: list[dict[str, Any]], console: Console | None = None) -> None:
     console = console or Console()
     table = Table(title=f"{len(rows)} image(s)")
-    for col in ("image", "status", "objects", "segmenter", "seconds", "labels / error"):
+    for col in ("image", "status", "experiment", "objects", "segmenter", "seconds", "labels / error"):
         table.add_column(col, overflow="fold")
     for row in rows:
         table.add_row(
-            row["path"], row["status"], "" if row["objects"] is None else str(row["objects"]),
+            row["path"], row["status"], row["experiment"] or "",
+            "" if row["objects"] is None else str(row["objects"]),
             row["segmenter"] or "", "" if row["seconds"] is None else f"{row['seconds']:.2f}",
             row["labels"] or row["error"] or "",
         )

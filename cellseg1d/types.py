@@ -29,6 +29,29 @@ class ReadinessQuery:
 
 
 @dataclass(frozen=True)
+class AdapterRef:
+    """A registered adapter version a job runs with (from the experiment's assignment)."""
+
+    name: str
+    version: int
+    #: SHA-256 of the adapter's weights file, as registered.
+    sha256: str
+    #: The adapter folder in the store (``adapter.safetensors`` + ``adapter.json``).
+    path: Path
+    base_model_type: str
+    base_sha256: str
+
+    @property
+    def label(self) -> str:
+        """``name@vN``."""
+        return f"{self.name}@v{self.version}"
+
+    def provenance(self) -> dict[str, Any]:
+        """The JSON-able description recorded with results."""
+        return {"name": self.name, "version": self.version, "sha256": self.sha256}
+
+
+@dataclass(frozen=True)
 class SegmentRequest:
     """What a segmenter is asked to segment (the plane itself is passed beside it)."""
 
@@ -42,6 +65,11 @@ class SegmentRequest:
     pixel_size: tuple[float, float] | None
     #: The daemon config (:class:`cellseg1d.config.Config`), for plugin settings.
     config: Any
+    #: The adapter assigned to the experiment (None: none assigned, use the default).
+    adapter: AdapterRef | None = None
+    #: True when the experiment has no adapter and its root says "classical": model
+    #: segmenters should return None and let the classical segmenter answer.
+    fallback: bool = False
 
 
 @dataclass

@@ -26,10 +26,9 @@ def tiny_checkpoint(tmp_path: Path) -> Path:
 
 @pytest.fixture(autouse=True)
 def fresh_holder():
-    sam_plugin.HOLDER.model = None
-    sam_plugin.HOLDER.loads = 0
+    sam_plugin.HOLDER.reset()
     yield
-    sam_plugin.HOLDER.model = None
+    sam_plugin.HOLDER.reset()
 
 
 def sam_config(tmp_path: Path, root: Path, checkpoint: Path, **sam):

@@ -1,6 +1,19 @@
 """The catalog: every image, job and result, in SQLite or PostgreSQL."""
 
 from cellseg1d.catalog.db import Catalog
-from cellseg1d.catalog.models import Image, ImageStatus, Job, JobState, Result, utcnow
+from cellseg1d.catalog.models import (
+    Adapter,
+    Assignment,
+    Experiment,
+    Image,
+    ImageStatus,
+    Job,
+    JobState,
+    Result,
+    utcnow,
+)
 
-__all__ = ["Catalog", "Image", "ImageStatus", "Job", "JobState", "Result", "utcnow"]
+__all__ = [
+    "Adapter", "Assignment", "Catalog", "Experiment", "Image", "ImageStatus", "Job", "JobState", "Result",
+    "utcnow",
+]

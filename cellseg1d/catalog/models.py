@@ -1,9 +1,13 @@
-"""The catalog's tables: images, jobs and results (SQLAlchemy 2 ORM).
+"""The catalog's tables: images, jobs, results, experiments, adapters and assignments (SQLAlchemy 2 ORM).
 
 The catalog is the source of truth for what was processed. An image row is
 one image group on disk; a job row is one run of the pipeline over one
-version of that image (its ``run_key``); a result row is what a finished job
-wrote.
+version of that image with one adapter version (its ``run_key``); a result
+row is what a finished job wrote. Experiments name kinds of images (sample,
+stain, microscope setting); adapters are the registered LoRA adapter
+versions; an assignment points an experiment at one adapter version (the
+assignment with ``unassigned_at`` NULL is the current one; older rows are
+the history).
 """
 
 from __future__ import annotations
@@ -11,7 +15,18 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -48,6 +63,8 @@ class ImageStatus:
     PROCESSING = "processing"
     DONE = "done"
     FAILED = "failed"
+    #: Waiting for an adapter to be assigned to the image's experiment.
+    HELD = "held"
 
 
 class JobState:
@@ -57,6 +74,8 @@ class JobState:
     RUNNING = "running"
     DONE = "done"
     FAILED = "failed"
+    #: Waiting for an adapter: the image's experiment has none and its root holds such jobs.
+    HELD = "held"
 
     ACTIVE = (QUEUED, RUNNING)
 
@@ -77,6 +96,8 @@ class Image(Base):
     error: Mapped[str | None] = mapped_column(Text)
     first_seen: Mapped[datetime]
     updated_at: Mapped[datetime]
+    #: The experiment the image belongs to (``experiments.name``), once resolved.
+    experiment: Mapped[str | None] = mapped_column(String(200), index=True)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="image", order_by="Job.id")
 
@@ -87,7 +108,7 @@ class Job(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     image_id: Mapped[int] = mapped_column(ForeignKey("images.id", ondelete="CASCADE"), index=True)
-    #: Identity of this run: image fingerprint + segmenter + pipeline version.
+    #: Identity of this run: image fingerprint + pipeline version + adapter version (or route).
     run_key: Mapped[str] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -101,6 +122,10 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
     seconds: Mapped[float | None] = mapped_column(Float)
+    #: The experiment this run was queued for.
+    experiment: Mapped[str | None] = mapped_column(String(200))
+    #: The adapter version this run uses (None: no registered adapter, see ``run_key``).
+    adapter_id: Mapped[int | None] = mapped_column(ForeignKey("adapters.id"), index=True)
 
     image: Mapped[Image] = relationship(back_populates="jobs")
     result: Mapped[Result | None] = relationship(back_populates="job")
@@ -121,5 +146,61 @@ class Result(Base):
     #: ``{"records": [export hook answers], "experiment": ..., "timings": {...}, "segmentation": details}``.
     exports: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime]
+    #: Experiment, adapter (name, version, sha256), base model (type, sha256), settings, versions.
+    provenance: Mapped[dict[str, Any] | None] = mapped_column(JSON)
 
     job: Mapped[Job] = relationship(back_populates="result")
+
+
+class Experiment(Base):
+    """A kind of image that gets its own adapter (sample type, stain, microscope setting)."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime]
+
+
+class Adapter(Base):
+    """One registered version of a LoRA adapter, its files in the adapter store."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("name", "version", name="uq_adapters_name_version"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer)
+    #: SHA-256 of ``adapter.safetensors``.
+    sha256: Mapped[str] = mapped_column(String(64))
+    base_model_type: Mapped[str] = mapped_column(String(32))
+    base_sha256: Mapped[str] = mapped_column(String(64))
+    #: The adapter's folder in the store (``<store>/<name>/v<version>``).
+    store_path: Mapped[str] = mapped_column(Text)
+    #: The adapter's ``adapter.json`` as registered.
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    created_at: Mapped[datetime]
+    #: Set when the version was removed (its files deleted; the row stays for provenance).
+    removed_at: Mapped[datetime | None]
+
+    @property
+    def label(self) -> str:
+        """``name@vN``."""
+        return f"{self.name}@v{self.version}"
+
+
+class Assignment(Base):
+    """Experiment -> adapter version; the row with ``unassigned_at`` NULL is the current one."""
+
+    __tablename__ = "assignments"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(ForeignKey("experiments.id", ondelete="CASCADE"), index=True)
+    adapter_id: Mapped[int] = mapped_column(ForeignKey("adapters.id"))
+    #: The experiment uses exactly this version until assigned another one.
+    pinned: Mapped[bool] = mapped_column(Boolean, default=True)
+    assigned_at: Mapped[datetime]
+    unassigned_at: Mapped[datetime | None]
+
+    experiment: Mapped[Experiment] = relationship()
+    adapter: Mapped[Adapter] = relationship()
