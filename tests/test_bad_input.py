@@ -15,8 +15,14 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
+import shutil
+import subprocess
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,7 @@ from cellseg1d.ngff.discover import list_images
 from cellseg1d.ngff.reader import open_image
 from cellseg1d.pipeline import Pipeline
 from cellseg1d.plugins import build_plugin_manager
+from cellseg1d.synthetic import make_czyx, write_ome_zarr
 from tests import badinput
 from tests.badinput import CASES, GOOD_CONTROLS, KINDS, BadInput
 from tests.helpers import image_status, jobs_for, wait_for
@@ -315,3 +322,267 @@ def test_daemon_survives_every_kind_of_bad_input(tmp_path: Path, acquisition: Pa
     assert "unexpected error" not in log and "Traceback" not in log, log[-6000:]
     assert d.stop() == 0
     assert time.monotonic() - started < 60
+
+
+# --------------------------------------------------------------------------
+# Unreadable files (chmod 000)
+# --------------------------------------------------------------------------
+
+_PERMISSION_SCRIPT = """
+import json, sys
+from pathlib import Path
+from cellseg1d.errors import ImageError
+from tests.test_bad_input import make_pipeline
+path, tmp = Path(sys.argv[1]), Path(sys.argv[2])
+pipeline, root = make_pipeline(tmp, path.parent)
+try:
+    result = pipeline.run(path, root, path)
+    print(json.dumps({"objects": result.object_count}))
+except ImageError as err:
+    print(json.dumps({"error": str(err)}))
+"""
+
+
+def _denied_reads_prefix() -> list[str] | None:
+    """Command prefix under which chmod 000 stops reads: none needed, setpriv for root, or None."""
+    if badinput.reads_can_be_denied():
+        return []
+    if os.geteuid() == 0 and shutil.which("setpriv"):
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search"]
+        probe = subprocess.run([*prefix, "true"], capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None
+
+
+@pytest.mark.parametrize("case", badinput.PERMISSION_CASES, ids=case_id)
+def test_unreadable_files_fail_with_a_clear_error(tmp_path: Path, case: tuple[str, str]) -> None:
+    """chmod 000 on the metadata or on a chunk: the job fails naming the file and 'permission denied'.
+
+    Root reads any file (CAP_DAC_OVERRIDE): there the check runs in a subprocess without
+    that capability (setpriv), and is skipped only where that is impossible.
+    """
+    prefix = _denied_reads_prefix()
+    if prefix is None:
+        pytest.skip("running as root with CAP_DAC_OVERRIDE and no setpriv: chmod 000 does not stop reads")
+    bad = KINDS[case[0]](tmp_path, case[1])
+    before = tree_hashes(bad.path)
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-c", _PERMISSION_SCRIPT, str(bad.path), str(tmp_path)],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1], timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    outcome = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "error" in outcome, outcome
+    bad.check_message(outcome["error"])
+    assert "read access" in outcome["error"]  # says what to do
+    assert_unchanged_but_labels_group(bad.path, before)
+
+
+def test_unreadable_files_are_processed_where_reads_are_allowed(tmp_path: Path) -> None:
+    """Where chmod 000 does not stop reads (root), the permission kinds are correct inputs."""
+    if badinput.reads_can_be_denied():
+        pytest.skip("chmod 000 stops reads here: covered by test_unreadable_files_fail_with_a_clear_error")
+    pipeline, root = make_pipeline(tmp_path, tmp_path)
+    for kind, version in badinput.PERMISSION_CASES:
+        bad = KINDS[kind](tmp_path, version)
+        before = tree_hashes(bad.path)
+        assert pipeline.run(bad.path, root, bad.path).object_count == badinput.N_CELLS
+        assert_only_labels_changed(bad.path, before)
+
+
+# --------------------------------------------------------------------------
+# Metadata rewritten while it is read
+# --------------------------------------------------------------------------
+
+
+def _rewrite_in_place(meta: Path, text: str) -> None:
+    """Rewrite ``meta`` non-atomically, as a naive writer does: truncate, write half, then the rest."""
+    with open(meta, "w") as fh:
+        fh.write(text[: len(text) // 2])
+        fh.flush()
+        time.sleep(0.002)
+        fh.write(text[len(text) // 2:])
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_metadata_rewritten_mid_read(tmp_path: Path, version: str) -> None:
+    """While a writer keeps rewriting the metadata in place, every run ends as a result or an ImageError."""
+    path = badinput.good_image(tmp_path / "rewritten.zarr", version)
+    meta = path / ("zarr.json" if version == "0.5" else ".zattrs")
+    first = meta.read_text()
+    doc = json.loads(first)
+    (doc["attributes"]["ome"] if version == "0.5" else doc)["acquisition"] = {"pass": 2}
+    second = json.dumps(doc, indent=2)
+    before = {k: v for k, v in tree_hashes(path).items() if k != meta.name}
+    pipeline, root = make_pipeline(tmp_path, tmp_path)
+
+    stop = threading.Event()
+
+    def writer() -> None:
+        while not stop.is_set():
+            for text in (first, second):
+                _rewrite_in_place(meta, text)
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    outcomes: dict[str, int] = {"done": 0, "error": 0}
+    try:
+        deadline = time.monotonic() + 2.0
+        while time.monotonic() < deadline or not outcomes["done"]:
+            try:
+                result = pipeline.run(path, root, path)
+            except ImageError as err:
+                assert str(path) in str(err), err  # names the image (or its metadata file)
+                outcomes["error"] += 1
+            else:
+                assert result.object_count == badinput.N_CELLS
+                outcomes["done"] += 1
+            assert time.monotonic() < deadline + 30, outcomes
+    finally:
+        stop.set()
+        thread.join()
+    _rewrite_in_place(meta, second)
+    assert pipeline.run(path, root, path).object_count == badinput.N_CELLS
+    after = tree_hashes(path)
+    assert {k: v for k, v in after.items() if k != meta.name and not k.startswith("labels")} == before
+    assert not [p for p in (path / "labels").iterdir() if p.name.startswith(".cellseg1d.")]  # no staging left
+
+
+def test_readiness_waits_for_metadata_being_rewritten(tmp_path: Path) -> None:
+    """Metadata found half-written at readiness is looked at once more; rewritten whole, it is queued."""
+    from cellseg1d.daemon import Daemon
+    from cellseg1d.watch import Candidate, tree_signature
+
+    acq = (tmp_path / "acq").resolve()
+    acq.mkdir()
+    path = badinput.good_image(acq / "rewritten.zarr", "0.5")
+    meta = path / "zarr.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])  # caught mid-rewrite
+    state = tmp_path / "state"
+    daemon = Daemon(build_config({
+        "state_dir": str(state), "watch": {"roots": [{"path": str(acq)}]}, "readiness": {"settle_seconds": 0},
+    }))
+    try:
+        cand = Candidate(path, path, 0, float("-inf"), signature=tree_signature(path))
+        daemon._consider(cand)
+        assert jobs_for(state, str(path)) == []  # not rejected on the first look
+        meta.write_text(text)
+        cand.signature = tree_signature(path)
+        daemon._consider(cand)
+        assert [j[0] for j in jobs_for(state, str(path))] == ["queued"]
+    finally:
+        daemon.catalog.close()
+        daemon.lock.release()
+
+
+# --------------------------------------------------------------------------
+# Image deleted while being processed
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("when", ["after_first_plane", "after_last_plane"])
+def test_image_deleted_while_processing(tmp_path: Path, when: str) -> None:
+    """The job fails with an ImageError saying so; no folder of the deleted image comes back."""
+    data, _ = make_czyx((badinput.SIZE, badinput.SIZE), badinput.N_CELLS, n_z=4)
+    path = write_ome_zarr(tmp_path / "deleted.zarr", data[0], axes="czyx", ngff_version="0.5",
+                          channel_names=badinput.CHANNEL_NAMES)
+    pipeline, root = make_pipeline(tmp_path, tmp_path)
+
+    def on_plane(done: int, total: int) -> None:
+        if (when == "after_first_plane" and done == 1) or (when == "after_last_plane" and done == total):
+            shutil.rmtree(path)
+
+    with pytest.raises(ImageError) as err:
+        pipeline.run(path, root, path, on_plane=on_plane)
+    message = str(err.value)
+    assert str(path) in message and "deleted" in message, message
+    assert not path.exists()  # nothing recreated it (zarr makes missing parent folders)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state"] or sorted(
+        p.name for p in tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------
+# Disk full while writing labels
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs at ``tmp_path/small`` (skips where mounting is not allowed)."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mnt)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({proc.stderr.strip()}): the failing-writer test covers it")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def _fill(mnt: Path, leave_pages: int) -> None:
+    """Fill the file system at ``mnt`` with 4 KiB files, then free ``leave_pages`` of them."""
+    filler = mnt / "filler"
+    filler.mkdir()
+    made = []
+    block = b"\1" * 4096
+    while True:
+        f = filler / str(len(made))
+        try:
+            f.write_bytes(block)
+        except OSError as err:
+            assert err.errno == errno.ENOSPC
+            f.unlink(missing_ok=True)
+            break
+        made.append(f)
+    for f in made[:leave_pages]:
+        f.unlink()
+
+
+def _check_disk_full(err: OSError, path: Path, before: dict[str, str]) -> None:
+    message = f"{type(err).__name__}: {err}"
+    assert err.errno in (errno.ENOSPC, errno.EDQUOT), message
+    assert "no space left" in message and str(path / "labels" / "cellseg1d") in message, message
+    assert_unchanged_but_labels_group(path, before)
+    assert not (path / "labels").exists()  # the labels group this job made is gone again
+
+
+@pytest.mark.parametrize("leave_pages", [0, 3, 5, 6])
+def test_disk_full_on_a_small_tmpfs(small_tmpfs: Path, tmp_path: Path, leave_pages: int) -> None:
+    """Label writing runs out of space (at once, or part-way): clear error, nothing partial, source intact."""
+    path = badinput.good_image(small_tmpfs / "full.zarr", "0.5", chunks=(1, 1, 16, 16))
+    before = tree_hashes(path)
+    _fill(small_tmpfs, leave_pages)
+    pipeline, root = make_pipeline(tmp_path, small_tmpfs)
+    with pytest.raises(OSError) as err:
+        pipeline.run(path, root, path)
+    _check_disk_full(err.value, path, before)
+    shutil.rmtree(small_tmpfs / "filler")  # space again: the retried job succeeds
+    assert pipeline.run(path, root, path).object_count == badinput.N_CELLS
+    assert_only_labels_changed(path, before)
+
+
+def test_disk_full_failing_writer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same without a tmpfs: the zarr store refuses writes with ENOSPC after a few files."""
+    from zarr.storage import LocalStore
+
+    path = badinput.good_image(tmp_path / "full.zarr", "0.4")
+    before = tree_hashes(path)
+    pipeline, root = make_pipeline(tmp_path, tmp_path)
+    real_set = LocalStore.set
+    writes = {"n": 0}
+
+    async def set_until_full(self, key, value, *args, **kwargs):
+        writes["n"] += 1
+        if writes["n"] > 2:
+            target = Path(str(self.root)) / key
+            raise OSError(errno.ENOSPC, "No space left on device", str(target))
+        return await real_set(self, key, value, *args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", set_until_full)
+    with pytest.raises(OSError) as err:
+        pipeline.run(path, root, path)
+    _check_disk_full(err.value, path, before)

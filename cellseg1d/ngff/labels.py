@@ -20,6 +20,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -42,8 +43,12 @@ PROVENANCE_KEY = "cellseg1d"
 
 def _write_json_atomic(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(doc, indent=2))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # e.g. disk full: leave no temporary file behind
+        raise
 
 
 @contextmanager
@@ -373,7 +378,14 @@ class StagedLabels:
 
     def discard(self) -> None:
         """Remove the staged label image (after a failure), and a labels group this job created."""
-        shutil.rmtree(self.staging, ignore_errors=True)
+        # When one zarr write fails, its sibling writes may still be in flight and land
+        # (recreating folders) after the error surfaced: remove until nothing comes back.
+        deadline = time.monotonic() + 2.0
+        while True:
+            shutil.rmtree(self.staging, ignore_errors=True)
+            time.sleep(0.05)
+            if not self.staging.exists() or time.monotonic() > deadline:
+                break
         labels_dir = self.target.labels_dir
         metadata = {"zarr.json", ".zgroup", ".zattrs"}
         if self.made_labels_group and labels_dir.is_dir() and not set(os.listdir(labels_dir)) - metadata:
