@@ -1,4 +1,5 @@
-"""The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``, ``train``, ``segment``, ``evaluate``, ``models``."""
+"""The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``, ``train``, ``segment``, ``evaluate``,
+``models``, ``adapters``, ``reprocess``."""
 
 from __future__ import annotations
 
@@ -128,7 +129,19 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from cellseg1d.commands.train import train_command
 
-    return train_command(args)
+    return train_command(args, _config_for(args) if args.experiment else None)
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.adapters import adapters_command
+
+    return adapters_command(args, _config_for(args))
+
+
+def cmd_reprocess(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.reprocess import reprocess_command
+
+    return reprocess_command(args, _config_for(args))
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
@@ -192,8 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mask", type=Path,
                        help="instance label image, or a folder holding one named like the image")
     train.add_argument("--labels-name", help="use the image's OME-Zarr labels/<NAME> as the mask")
-    train.add_argument("--out", type=Path, required=True, help="adapter folder to create")
-    train.add_argument("--name", help="adapter name (default: the --out folder name)")
+    train.add_argument("--out", type=Path,
+                       help="adapter folder to create (optional with --experiment: then only the store keeps it)")
+    train.add_argument("--name", help="adapter name (default: the --out folder name, or the experiment)")
+    train.add_argument("--experiment", help="register the adapter as a new version in the daemon's registry "
+                       "(catalog from --config/--state-dir)")
+    train.add_argument("--assign", action="store_true", help="with --experiment: also assign the new version to it")
+    _add_catalog_options(train)
     _add_model_options(train)
     train.add_argument("--epochs", type=int, default=300)
     train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
@@ -231,6 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--model-dir", type=Path, help="where checkpoints are kept")
     models.add_argument("--url", help="download from this URL instead of the official one")
     models.set_defaults(func=cmd_models)
+
+    from cellseg1d.commands import adapters as adapters_cmd
+    from cellseg1d.commands import reprocess as reprocess_cmd
+
+    adapters_cmd.add_parser(sub, _add_catalog_options)
+    sub.choices["adapters"].set_defaults(func=cmd_adapters)
+    reprocess_cmd.add_parser(sub, _add_catalog_options)
+    sub.choices["reprocess"].set_defaults(func=cmd_reprocess)
     return parser
 
 

@@ -1,5 +1,10 @@
 """``cellseg1d train IMAGE --mask MASK --out ADAPTER``: one-image LoRA training (CellSeg1).
 
+With ``--experiment X`` the adapter is registered in the daemon's adapter
+registry as the next version (named ``--name``, default X) and, with
+``--assign``, assigned to experiment X in the same step; ``--out`` is then
+optional. The base checkpoint must be the daemon's (``sam.checkpoint``).
+
 The mask is found by name, never by order: ``--mask`` may be the label file
 itself, or a folder holding ``<image stem>.*`` (or ``<stem>_mask``,
 ``_masks``, ``_labels``, ``_label``); ``--labels-name`` takes it from the
@@ -10,9 +15,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import shutil
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -56,12 +64,18 @@ def fingerprint_array(data: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(data).tobytes()).hexdigest()[:32]
 
 
-def train_command(args: argparse.Namespace) -> int:
+def train_command(args: argparse.Namespace, config: Any = None) -> int:
+    """Run ``cellseg1d train``; ``config`` (the daemon's) is needed with ``--experiment``."""
     from cellseg1d.model.adapters import AdapterMetadata, save_adapter
     from cellseg1d.model.checkpoint import load_sam
     from cellseg1d.model.train import TrainSettings, train_adapter
 
     console = Console()
+    experiment = getattr(args, "experiment", None)
+    if args.out is None and not experiment:
+        raise ConfigError("give --out FOLDER for the adapter, or --experiment NAME to register it")
+    if getattr(args, "assign", False) and not experiment:
+        raise ConfigError("--assign needs --experiment NAME")
     image_path = Path(args.image)
     mask_path, labels_name = find_mask(image_path, args.mask, args.labels_name)
     channels = [int(c) if str(c).isdigit() else c for c in args.channel]
@@ -72,11 +86,25 @@ def train_command(args: argparse.Namespace) -> int:
             f"the mask {mask_path} has shape {mask.shape} but the image {image_path} is {image.shape[1:]}; "
             "they must be the same size"
         )
-    out = Path(args.out)
+    registry = None
+    if experiment:
+        from cellseg1d.commands.adapters import open_registry
+        from cellseg1d.registry import check_name
+
+        check_name(args.name or experiment)
+        registry = open_registry(config)
+    out = Path(args.out) if args.out is not None else (
+        config.adapter_store / f".train-{uuid.uuid4().hex[:8]}" / (args.name or experiment))
     if (out / "adapter.safetensors").exists():
         raise ConfigError(f"{out} already holds an adapter; choose another --out folder")
     sam, info = load_sam(args.checkpoint, args.model_type, args.image_size,
                          allow_custom=args.allow_custom_checkpoint)
+    if registry is not None and registry.base is not None and (
+            registry.base.model_type, registry.base.sha256) != (args.model_type, info.sha256):
+        raise ConfigError(
+            f"--checkpoint {args.checkpoint} ({args.model_type}, sha256 {info.sha256}) is not the daemon's base "
+            f"model ({registry.base.source}: {registry.base.model_type}, sha256 {registry.base.sha256}); the "
+            "daemon would refuse the adapter. Train on the daemon's checkpoint.")
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         seed=args.seed, image_size=args.image_size, train_all=args.train_all, max_steps=args.max_steps,
@@ -88,7 +116,7 @@ def train_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = train_adapter(sam, image, mask, settings, checkpoint_path=resume_file, resume=args.resume)
     seconds = time.perf_counter() - started
-    name = args.name or out.name
+    name = args.name or experiment or out.name
     metadata = AdapterMetadata(
         name=name, base_model_type=args.model_type, base_checkpoint_sha256=info.sha256,
         rank=settings.rank, dropout=settings.dropout, image_size=settings.image_size,
@@ -101,4 +129,15 @@ def train_command(args: argparse.Namespace) -> int:
     save_adapter(result.model, out, metadata)
     resume_file.unlink(missing_ok=True)
     console.print(f"[green]saved adapter[/green] {name} -> {out} ({result.steps} steps, {seconds:.0f} s)")
+    if registry is not None:
+        try:
+            row = registry.add(out, name)  # on an error the trained adapter stays in `out` (printed above)
+            if args.out is None:
+                shutil.rmtree(out.parent, ignore_errors=True)
+            console.print(f"registered {row.label} -> {row.store_path}")
+            if args.assign:
+                _, released = registry.assign(experiment, row.name, row.version)
+                console.print(f"assigned {row.label} to experiment {experiment}; {released} held job(s) released")
+        finally:
+            registry.catalog.close()
     return 0
