@@ -251,77 +251,159 @@ def _write_good(folder: Path, name: str, version: str, seed: int) -> Path:
     return badinput.good_image(folder / name, version, seed=seed)
 
 
+def _mount_small_tmpfs(mnt: Path) -> bool:
+    """Mount a 1 MiB tmpfs at ``mnt``; False where that is not allowed."""
+    mnt.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mnt)],
+                          capture_output=True)
+    return proc.returncode == 0
+
+
 @pytest.mark.slow
 def test_daemon_survives_every_kind_of_bad_input(tmp_path: Path, acquisition: Path, daemons) -> None:
+    """One daemon, every kind of bad input and the good controls, arriving before and after it starts.
+
+    Each ends as a failed job whose error names the file and the problem, or (good
+    controls, and the dynamic cases where the writer recovers) as done; every source
+    is untouched apart from its labels group; links out of the root are never
+    followed; the daemon stays alive and logs no traceback.
+    """
     started = time.monotonic()
     acq = acquisition.resolve()
     staging = tmp_path / "staging"
     staging.mkdir()
     state = tmp_path / "state"
+    denied = badinput.reads_can_be_denied()  # root reads chmod 000 files: then they are good inputs
 
-    # Writers: every bad case, the float32 controls and two plain good images.
-    writers = [(lambda f, k=k, v=v: KINDS[k](f, v)) for k, v in CASES]
-    writers += [(lambda f, v=v: GOOD_CONTROLS["float32"](f, v)) for v in ("0.4", "0.5")]
+    # Writers: every bad case, the good controls and two plain good images.
+    writers = [(lambda f, k=k, v=v: KINDS[k](f, v)) for k, v in CASES + badinput.PERMISSION_CASES]
+    writers += [(lambda f, c=c, v=v: GOOD_CONTROLS[c](f, v)) for c in GOOD_CONTROLS for v in ("0.4", "0.5")]
     writers += [lambda f: _write_good(f, "good-04.zarr", "0.4", 1),
                 lambda f: _write_good(f, "good-05.zarr", "0.5", 2)]
     before_start, after_start = writers[0::2], writers[1::2]
 
-    hashes: dict[str, dict[str, str]] = {}  # container name -> file hashes as written
-    results: list[BadInput | Path] = []
-    for w in before_start:
-        made = w(acq)
-        path = made.path if isinstance(made, BadInput) else made
-        hashes[path.name] = tree_hashes(path)
-        results.append(made)
-    # Missing chunks are waited for (a time-lapse may add them) before the image counts as
-    # truncated: shorten that wait from its one-hour default.
-    d = daemons(state, "--watch", str(acq), "--settle-seconds", "0.5",
-                env={"CELLSEG1D_READINESS__INCOMPLETE_AFTER_SECONDS": "2"})
-    for w in after_start:
-        # Written elsewhere, then moved in whole (as a copy tool would), so that the daemon
-        # never sees a good image that is broken a moment later.
-        made = w(staging)
-        path = made.path if isinstance(made, BadInput) else made
-        hashes[path.name] = tree_hashes(path)
-        os.rename(path, acq / path.name)
-        if isinstance(made, BadInput):
-            made = BadInput(made.kind, made.version, acq / path.name, made.culprit, made.words, made.stage)
-        else:
-            made = acq / path.name
-        results.append(made)
-    bads = [r for r in results if isinstance(r, BadInput)]
-    goods = [r for r in results if isinstance(r, Path)]
-    assert len(goods) == 4 and len(bads) == len(CASES)
+    # Links out of the root and link loops in it: never discovered, never hang a walk.
+    outside = tmp_path / "outside"
+    secret = badinput.good_image(outside / "secret.zarr", "0.5")
+    os.symlink(outside, acq / "linked-folder")
+    os.symlink(secret, acq / "linked.zarr")
+    os.symlink(acq, acq / "loop-to-root")
+    os.symlink("self.zarr", acq / "self.zarr")
+    outside_before = tree_hashes(outside)
 
-    every = [str(b.path) for b in bads] + [str(g) for g in goods]
-
-    def finished() -> bool:
-        status = image_status(state)
-        return all(status.get(p) in ("done", "failed") for p in every)
-
+    # Disk full on output: an image on a full 1 MiB tmpfs inside the root (where mounting works).
+    full_mnt = acq / "full-disk"
+    full_image: Path | None = None
+    if _mount_small_tmpfs(full_mnt):
+        full_image = badinput.good_image(full_mnt / "full.zarr", "0.5")
+        _fill(full_mnt, 0)
     try:
-        wait_for(finished, 45, interval=0.25, what="every image done or failed")
-    except AssertionError:
+        hashes: dict[str, dict[str, str]] = {}  # container name -> file hashes as written
+        results: list[BadInput | Path] = []
+        for w in before_start:
+            made = w(acq)
+            path = made.path if isinstance(made, BadInput) else made
+            hashes[path.name] = tree_hashes(path)
+            results.append(made)
+        if full_image is not None:
+            hashes[full_image.name] = tree_hashes(full_image)
+        # Missing chunks are waited for (a time-lapse may add them) before the image counts as
+        # truncated: shorten that wait from its one-hour default; retry disk-full at once.
+        d = daemons(state, "--watch", str(acq), "--settle-seconds", "0.5", "--channel", "nuclei",
+                    env={"CELLSEG1D_READINESS__INCOMPLETE_AFTER_SECONDS": "2",
+                         "CELLSEG1D_JOBS__RETRY_BACKOFF_SECONDS": "0"})
+        for w in after_start:
+            # Written elsewhere, then moved in whole (as a copy tool would), so that the daemon
+            # never sees a good image that is broken a moment later.
+            made = w(staging)
+            path = made.path if isinstance(made, BadInput) else made
+            hashes[path.name] = tree_hashes(path)
+            os.rename(path, acq / path.name)
+            if isinstance(made, BadInput):
+                made = BadInput(made.kind, made.version, acq / path.name, made.culprit, made.words, made.stage)
+            else:
+                made = acq / path.name
+            results.append(made)
+
+        # Metadata rewritten in place: first seen cut in half, then whole (must end done).
+        rewritten = badinput.good_image(staging / "rewritten.zarr", "0.4", seed=5)
+        meta_text = (rewritten / ".zattrs").read_text()
+        (rewritten / ".zattrs").write_text(meta_text[: len(meta_text) // 2])
+        rewritten = Path(shutil.move(str(rewritten), acq / "rewritten.zarr"))
+        # Deleted while processing: many planes, removed once the daemon has started on it.
+        data, _ = make_czyx((256, 256), 20, n_z=60, seed=6)
+        doomed = write_ome_zarr(staging / "doomed.zarr", data[0], axes="czyx", ngff_version="0.5",
+                                channel_names=badinput.CHANNEL_NAMES, n_levels=1)
+        doomed = Path(shutil.move(str(doomed), acq / "doomed.zarr"))
+        time.sleep(1.5)  # past the first look at the rewritten metadata
+        (rewritten / ".zattrs").write_text(meta_text)
+        hashes[rewritten.name] = tree_hashes(rewritten)
+        wait_for(lambda: f"processing {doomed}" in d.log(), 60, interval=0.05, what="doomed image started")
+        while doomed.exists():  # the daemon may be writing its labels staging in it right now
+            shutil.rmtree(doomed, ignore_errors=True)
+
+        bads = [r for r in results if isinstance(r, BadInput)]
+        goods = [r for r in results if isinstance(r, Path)] + [rewritten]
+        assert len(goods) == 2 * len(GOOD_CONTROLS) + 3 and len(bads) == len(CASES) + len(badinput.PERMISSION_CASES)
+        every = [str(b.path) for b in bads] + [str(g) for g in goods]
+        every += [str(full_image)] if full_image is not None else []
+
+        def finished() -> bool:
+            status = image_status(state)
+            # The rewritten image may be rejected once, caught mid-rewrite, before it is queued.
+            return status.get(str(rewritten)) == "done" and all(
+                status.get(p) in ("done", "failed") for p in every)
+
+        try:
+            wait_for(finished, 90, interval=0.25, what="every image done or failed")
+        except AssertionError:
+            status = image_status(state)
+            pending = {p: status.get(p) for p in every if status.get(p) not in ("done", "failed")}
+            raise AssertionError(f"not finished: {pending}\n--- daemon log ---\n{d.log()[-6000:]}") from None
+
         status = image_status(state)
-        pending = {p: status.get(p) for p in every if status.get(p) not in ("done", "failed")}
-        raise AssertionError(f"not finished: {pending}\n--- daemon log ---\n{d.log()[-6000:]}") from None
+        for good in goods:
+            assert status[str(good)] == "done", (good, jobs_for(state, str(good)), d.log()[-3000:])
+            assert jobs_for(state, str(good))[-1][0] == "done"
+            assert (good / "labels" / "cellseg1d").is_dir()
+            assert_only_labels_changed(good, hashes[good.name])
+        for bad in bads:
+            if bad.kind in badinput.PERMISSION_KINDS and not denied:
+                assert status[str(bad.path)] == "done", (bad.kind, jobs_for(state, str(bad.path)))
+                assert_only_labels_changed(bad.path, hashes[bad.name])
+                continue
+            assert status[str(bad.path)] == "failed", (bad.kind, bad.version, jobs_for(state, str(bad.path)))
+            jobs = jobs_for(state, str(bad.path))
+            assert [j[0] for j in jobs] == ["failed"], (bad.kind, jobs)
+            bad.check_message(jobs[0][2])  # names the container (or a file in it) and the problem
+            assert_unchanged_but_labels_group(bad.path, hashes[bad.name])
+        if full_image is not None:
+            jobs = jobs_for(state, str(full_image))
+            assert [j[0] for j in jobs] == ["failed"], jobs
+            assert "no space left" in jobs[0][2] and str(full_image / "labels") in jobs[0][2], jobs
+            assert_unchanged_but_labels_group(full_image, hashes[full_image.name])
 
-    status = image_status(state)
-    for good in goods:
-        assert status[str(good)] == "done", (good, jobs_for(state, str(good)), d.log()[-3000:])
-        assert (good / "labels" / "cellseg1d").is_dir()
-    for bad in bads:
-        assert status[str(bad.path)] == "failed", (bad.kind, bad.version, jobs_for(state, str(bad.path)))
-        jobs = jobs_for(state, str(bad.path))
-        assert [j[0] for j in jobs] == ["failed"], (bad.kind, jobs)
-        bad.check_message(jobs[0][2])  # names the container (or a file in it) and the problem
-        assert_unchanged_but_labels_group(bad.path, hashes[bad.name])
+        # The deleted image: a clear failure (or done, had it finished first); nothing recreated it.
+        doomed_jobs = jobs_for(state, str(doomed))
+        assert doomed_jobs and doomed_jobs[-1][0] in ("failed", "done"), doomed_jobs
+        if doomed_jobs[-1][0] == "failed":
+            assert "deleted" in doomed_jobs[-1][2] and str(doomed) in doomed_jobs[-1][2], doomed_jobs
+        assert not doomed.exists()
 
-    assert d.alive(), d.log()[-3000:]
-    log = d.log()
-    assert "unexpected error" not in log and "Traceback" not in log, log[-6000:]
-    assert d.stop() == 0
-    assert time.monotonic() - started < 60
+        # Nothing under a link was recorded, read or written.
+        recorded = set(image_status(state))
+        for link in ("linked-folder", "linked.zarr", "loop-to-root", "self.zarr"):
+            assert not [p for p in recorded if p.startswith(str(acq / link))], (link, sorted(recorded))
+        assert tree_hashes(outside) == outside_before
+
+        assert d.alive(), d.log()[-3000:]
+        log = d.log()
+        assert "unexpected error" not in log and "Traceback" not in log, log[-6000:]
+        assert d.stop() == 0
+        assert time.monotonic() - started < 120
+    finally:
+        if full_image is not None:
+            subprocess.run(["umount", "-l", str(full_mnt)], check=False)
 
 
 # --------------------------------------------------------------------------

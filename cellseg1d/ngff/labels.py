@@ -63,7 +63,7 @@ def output_errors(path: Path) -> Iterator[None]:
     except OSError as err:
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
             what = "no space left on device (disk full or quota exceeded)"
-            todo = "free space on that disk; the job is retried"
+            todo = "free space on that disk (storage errors are retried up to jobs.max_attempts times)"
         elif err.errno == errno.EROFS:
             what, todo = "read-only file system", "make it writable or use output = \"mirror\""
         else:
