@@ -54,19 +54,23 @@ model's ``image_encoder.img_size``), embedding (1, 256, S/16, S/16).
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything.modeling import Sam
 
+from cellseg1d.errors import CellsegError
 from cellseg1d.model import nms as nms_ops
 from cellseg1d.model.fastdecode import two_way_transformer
 from cellseg1d.model.postprocess import paint_labels, remove_small_regions
 from cellseg1d.model.prompts import CropBox, crop_boxes, point_grid, points_in_crop, resized_shape
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -101,6 +105,9 @@ class InferenceSettings:
     crop_edge_margin: float = 20.0
     #: Masks per block of the mask-IoU matrix product; None: by device (nms.default_chunk).
     nms_chunk: int | None = None
+    #: Approximation (off in the paper): decode the grid coarse to fine and skip a point that lies
+    #: inside a mask already accepted (this crop or an earlier one). See :func:`coarse_to_fine`.
+    skip_covered_points: bool = False
 
 
 @dataclass
@@ -110,7 +117,8 @@ class InferenceReport:
     #: Seconds per stage (summed over crops): embed, decode (transformer + IoU head),
     #: mask_decode (mask logits of the kept prompts), filter, nms, postprocess.
     seconds: dict[str, float] = field(default_factory=dict)
-    #: Mask counts: prompts, iou, filters, crop_nms, cross_nms, cleanup_nms, labels.
+    #: Mask counts: prompts, decoded (prompts not skipped), iou, filters, crop_nms, cross_nms,
+    #: cleanup_nms, labels.
     counts: dict[str, int] = field(default_factory=dict)
 
     def add_time(self, stage: str, seconds: float) -> None:
@@ -295,6 +303,7 @@ def crop_candidates(
     upsample_all: bool = False,
     dense_pe: torch.Tensor | None = None,
     clock: _Clock | None = None,
+    covered: torch.Tensor | None = None,
 ) -> Candidates:
     """The masks of one crop that pass all filters, in the crop frame, before NMS.
 
@@ -302,7 +311,9 @@ def crop_candidates(
     ``upsample_all`` selects the reference order (mask logits for every
     prompt, upsampled, then filtered); by default the prompts are filtered
     on their IoU-head scores before any mask is computed. Both give the
-    same candidates.
+    same candidates. ``covered`` (H, W) bool, image frame, turns on point
+    skipping (``settings.skip_covered_points``): points inside it are not
+    decoded, and the accepted masks are added to it.
     """
     device = image_t.device
     image_hw = (int(image_t.shape[1]), int(image_t.shape[2]))
@@ -322,8 +333,9 @@ def crop_candidates(
     clock.count("prompts", len(points))
 
     parts: list[Candidates] = []
-    for start in range(0, len(points), settings.points_per_batch):
-        coords = model_points[start : start + settings.points_per_batch, None, :]  # (B, 1, 2)
+    for index in _prompt_batches(points, crop, settings, covered):
+        coords = model_points[index, None, :]  # (B, 1, 2)
+        clock.count("decoded", len(index))
         with clock.stage("decode"), _autocast(device, autocast):
             iou, mask_token, image_tokens = decode_scores(sam, embedding, dense_pe, coords)
         iou = iou.float()
@@ -335,8 +347,41 @@ def crop_candidates(
         with clock.stage("filter"):
             part = _filter_batch(sam, low_res.float(), iou[keep], crop, new_hw, crop_hw, image_hw,
                                  max_area, settings, clock, upsample_first=upsample_all)
+        if covered is not None and len(part):
+            covered[crop.y0 : crop.y1, crop.x0 : crop.x1] |= part.masks.any(dim=0)
         parts.append(part)
     return Candidates.cat(parts, crop_hw, device)
+
+
+def coarse_to_fine(points_per_side: int) -> list[np.ndarray]:
+    """Indices into :func:`point_grid` in levels: every 4th row/column, then every 2nd, then the rest.
+
+    Decoding the coarse levels first lets :attr:`InferenceSettings.skip_covered_points` drop the
+    finer points that fall inside cells the coarse points already found.
+    """
+    iy, ix = np.divmod(np.arange(points_per_side * points_per_side), points_per_side)
+    level = np.where((iy % 4 == 0) & (ix % 4 == 0), 0, np.where((iy % 2 == 0) & (ix % 2 == 0), 1, 2))
+    return [np.flatnonzero(level == i) for i in range(3)]
+
+
+def _prompt_batches(
+    points: np.ndarray, crop: CropBox, settings: InferenceSettings, covered: torch.Tensor | None
+) -> Iterator[np.ndarray]:
+    """Index batches of the prompts to decode: the whole grid in order, or coarse to fine minus covered points."""
+    size = settings.points_per_batch
+    if covered is None:
+        for start in range(0, len(points), size):
+            yield np.arange(start, min(start + size, len(points)))
+        return
+    # pixel of each point in the image frame
+    px = np.clip(np.floor(points[:, 0]).astype(np.int64), 0, crop.width - 1) + crop.x0
+    py = np.clip(np.floor(points[:, 1]).astype(np.int64), 0, crop.height - 1) + crop.y0
+    for level in coarse_to_fine(settings.points_per_side):
+        for start in range(0, len(level), size):
+            index = level[start : start + size]
+            hit = covered[torch.as_tensor(py[index]), torch.as_tensor(px[index])].cpu().numpy()
+            if not hit.all():
+                yield index[~hit]
 
 
 def _filter_batch(
@@ -400,7 +445,69 @@ def _cleanup_scores(changed: torch.Tensor, quality: torch.Tensor) -> torch.Tenso
     return quality + (~changed).to(quality.dtype) * spread
 
 
+class OutOfMemory(CellsegError):
+    """Segmentation ran out of memory even with the smallest prompt batch."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a device or host allocation failure (CUDA OOM, CPU allocator failure, MemoryError)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
 def segment_image(
+    sam: Sam,
+    image: np.ndarray,
+    settings: InferenceSettings | None = None,
+    device: torch.device | str | None = None,
+    *,
+    autocast: torch.dtype | None = None,
+    upsample_all: bool = False,
+    report: InferenceReport | None = None,
+) -> np.ndarray:
+    """Segment cells in one image with SAM automatic mask generation; labels (H, W) uint32, 1..N.
+
+    When an allocation fails (GPU or CPU out of memory), the image is
+    segmented again with half the prompt batch and half the NMS block,
+    down to one prompt per batch; the batch sizes do not change the
+    result. Each retry is logged and counted in ``report.counts["oom_retries"]``;
+    if even one prompt per batch does not fit, :class:`OutOfMemory` says
+    what to change. Arguments are those of :func:`segment_image_once`.
+    """
+    settings = settings or InferenceSettings()
+    while True:
+        try:
+            return segment_image_once(sam, image, settings, device, autocast=autocast,
+                                      upsample_all=upsample_all, report=report)
+        except Exception as exc:  # noqa: BLE001 - only allocation failures are handled
+            if not is_out_of_memory(exc):
+                raise
+            where = torch.device(sam.device)
+            if settings.points_per_batch <= 1:
+                raise OutOfMemory(
+                    f"out of memory on {where} segmenting a {image.shape[0]}x{image.shape[1]} image even with "
+                    "one prompt per batch; segment in smaller tiles (setting sam.tile), lower sam.image_size, "
+                    "free memory used by other programs, or use the CPU (sam.device = \"cpu\")"
+                ) from exc
+            chunk = settings.nms_chunk or nms_ops.default_chunk(where)
+            smaller = replace(settings, points_per_batch=max(1, settings.points_per_batch // 2),
+                              nms_chunk=max(1, chunk // 2))
+            log.warning("out of memory on %s with %d prompts per batch; retrying with %d (%s)", where,
+                        settings.points_per_batch, smaller.points_per_batch, str(exc).splitlines()[0][:200])
+            settings = smaller
+            del exc
+            if where.type == "cuda":
+                torch.cuda.empty_cache()
+            if report is not None:
+                report.seconds.clear()
+                retries = report.counts.get("oom_retries", 0) + 1
+                report.counts.clear()
+                report.counts["oom_retries"] = retries
+
+
+def segment_image_once(
     sam: Sam,
     image: np.ndarray,
     settings: InferenceSettings | None = None,
@@ -447,9 +554,10 @@ def segment_image(
         dense_pe = sam.prompt_encoder.get_dense_pe()
         crops = crop_boxes(image_hw, settings.crop_n_layers, settings.crop_overlap_ratio)
         per_crop: list[Candidates] = []
+        covered = torch.zeros(image_hw, dtype=torch.bool, device=device) if settings.skip_covered_points else None
         for crop in crops:
             cand = crop_candidates(sam, image_t, crop, settings, autocast=autocast, upsample_all=upsample_all,
-                                   dense_pe=dense_pe, clock=clock)
+                                   dense_pe=dense_pe, clock=clock, covered=covered)
             with clock.stage("nms"):
                 keep = nms_ops.mask_nms(cand.masks, cand.iou_pred, settings.nms_thresh, boxes=cand.boxes,
                                         chunk=settings.nms_chunk)
