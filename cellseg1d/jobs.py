@@ -31,7 +31,7 @@ from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cellseg1d import PIPELINE_VERSION
-from cellseg1d.catalog import Catalog, Image, ImageStatus, Job, JobState, Result, utcnow
+from cellseg1d.catalog import Catalog, Experiment, Image, ImageStatus, Job, JobState, Result, utcnow
 
 log = logging.getLogger(__name__)
 HELD_TAG = "held"
@@ -105,6 +105,9 @@ class JobQueue:
             if value is not None:
                 setattr(image, key, value)
         image.status, image.error, image.updated_at = status, error, now
+        if facts.experiment is not None and session.scalar(
+                select(Experiment.id).where(Experiment.name == facts.experiment)) is None:
+            session.add(Experiment(name=facts.experiment, created_at=now))
         session.flush()
         return image
 
