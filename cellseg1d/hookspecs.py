@@ -91,8 +91,14 @@ def resolve_experiment(image: Any, root: Any) -> str | None:
 
     ``image`` is the opened :class:`~cellseg1d.ngff.OmeImage`, ``root`` the
     :class:`~cellseg1d.config.WatchRoot` it was found under. Stops at the
-    first non-None result. When no plugin answers, the experiment is
-    ``"default"``. The experiment is passed on to ``segment`` and ``export``.
+    first non-None result. The root's configured rules
+    (``watch.roots[i].experiments``) answer after every plugin (``trylast``);
+    when nothing answers, the experiment is ``"default"``.
+
+    Called once per image by the scheduler, before its job is queued: the
+    experiment's assigned adapter decides the job's run key and whether it
+    is held. It is recorded on the image and passed on to ``segment`` and
+    ``export``.
     """
 
 
@@ -107,7 +113,15 @@ def segment(plane: np.ndarray, request: SegmentRequest) -> Segmentation | None:
 
     ``plane`` is a ``(C, Y, X)`` array of the stored dtype holding the
     channels selected by ``segmentation.channels`` (C >= 1). ``request``
-    says which image, plane (t, z), experiment and pixel size.
+    says which image, plane (t, z), experiment and pixel size, the adapter
+    assigned to the experiment (``request.adapter``, an
+    :class:`~cellseg1d.types.AdapterRef`, or None) and whether the job asks
+    for the classical fallback (``request.fallback``: model segmenters
+    return None).
+
+    Put ``model_type``, ``checkpoint_sha256``, ``adapter`` ({name, version,
+    sha256} or None) and ``settings`` in ``Segmentation.details``: they are
+    recorded as the result's provenance.
 
     Return a :class:`~cellseg1d.types.Segmentation` whose ``labels`` is a
     ``(Y, X)`` integer array (0 background, objects 1..N) and whose
