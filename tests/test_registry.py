@@ -275,3 +275,46 @@ def test_adapters_cli(tmp_path: Path, make_adapter) -> None:
     assert cli("remove", "hela").returncode == 2
     out = cli("remove", "hela@v1")
     assert out.returncode == 2 and "assigned to experiment(s) hela" in out.stderr
+
+
+@pytest.mark.slow
+def test_train_with_experiment_registers_and_assigns(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image as PILImage
+
+    from cellseg1d.imageio import write_labels
+    from cellseg1d.synthetic import make_cells
+
+    torch.manual_seed(0)
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(build_sam("tiny", 1024).state_dict(), checkpoint)
+    image, mask = make_cells((96, 96), 8, seed=3)
+    PILImage.fromarray((image * 255).clip(0, 255).astype(np.uint8)).save(tmp_path / "cells.png")
+    write_labels(tmp_path / "cells_mask.tif", mask)
+    config = tmp_path / "cellseg1d.toml"
+    config.write_text(f'state_dir = "{tmp_path / "state"}"\n[sam]\ncheckpoint = "{checkpoint}"\n'
+                      'model_type = "tiny"\nallow_custom_checkpoint = true\n')
+    model = ["--checkpoint", str(checkpoint), "--model-type", "tiny", "--allow-custom-checkpoint",
+             "--image-size", "256", "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1"]
+
+    def train(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "cellseg1d", "train", str(tmp_path / "cells.png"), "--mask",
+                               str(tmp_path / "cells_mask.tif"), *model, *extra, "--config", str(config)],
+                              capture_output=True, text=True, timeout=600, cwd=REPO,
+                              env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+
+    out = train("--experiment", "hela", "--assign")
+    assert out.returncode == 0, out.stderr
+    assert "registered hela@v1" in out.stdout and "assigned hela@v1 to experiment hela" in out.stdout
+    catalog = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.sqlite'}")
+    registry = Registry(catalog, tmp_path / "state" / "adapters")
+    current = registry.current("hela")
+    assert current is not None and current.label == "hela@v1" and current.base_sha256 == sha256_of(checkpoint)
+    assert [p.name for p in (tmp_path / "state" / "adapters").iterdir()] == ["hela"]  # no training leftovers
+    other = tmp_path / "other.pth"
+    torch.save(build_sam("tiny", 1024).state_dict(), other)  # another random base: refused before training
+    out = subprocess.run([sys.executable, "-m", "cellseg1d", "train", str(tmp_path / "cells.png"), "--mask",
+                          str(tmp_path / "cells_mask.tif"), *model[2:], "--checkpoint", str(other),
+                          "--experiment", "hela", "--config", str(config)],
+                         capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert out.returncode == 2 and "is not the daemon's base model" in out.stderr
