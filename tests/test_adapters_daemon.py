@@ -9,7 +9,6 @@ therefore visible in the label images themselves.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

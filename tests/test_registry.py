@@ -60,7 +60,9 @@ def make_adapter(tmp_path: Path):
 
 
 def store_entries(registry: Registry) -> list[str]:
-    return sorted(str(p.relative_to(registry.store)) for p in registry.store.rglob("*")) if registry.store.exists() else []
+    if not registry.store.exists():
+        return []
+    return sorted(str(p.relative_to(registry.store)) for p in registry.store.rglob("*"))
 
 
 def test_add_copies_into_the_store_with_versions_and_checksums(registry: Registry, make_adapter) -> None:
