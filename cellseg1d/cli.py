@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     images = sub.add_parser("images", help="list images in the catalog")
     _add_catalog_options(images)
-    images.add_argument("--status", choices=["queued", "processing", "done", "failed"])
+    images.add_argument("--status", choices=["queued", "held", "processing", "done", "failed"])
     images.add_argument("--path-contains", help="only images whose path contains this text")
     images.add_argument("--limit", type=int, default=200)
     images.add_argument("--json", action="store_true", help="machine-readable output")
