@@ -1,5 +1,5 @@
-"""The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``, ``train``, ``segment``, ``evaluate``,
-``models``, ``adapters``, ``reprocess``."""
+"""The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``, ``retry``, ``quarantine``, ``train``,
+``segment``, ``evaluate``, ``models``, ``adapters``, ``reprocess``."""
 
 from __future__ import annotations
 
@@ -144,6 +144,25 @@ def cmd_reprocess(args: argparse.Namespace) -> int:
     return reprocess_command(args, _config_for(args))
 
 
+def _open_current_catalog(args: argparse.Namespace) -> Any:
+    """The daemon's existing catalog, upgraded to this version's schema (for commands that change jobs)."""
+    catalog = _open_catalog(_config_for(args))
+    catalog.migrate()
+    return catalog
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.jobs import retry_command
+
+    return retry_command(args, _open_current_catalog(args))
+
+
+def cmd_quarantine(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.jobs import quarantine_command
+
+    return quarantine_command(args, _open_current_catalog(args))
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from cellseg1d.commands.segment import segment_command
 
@@ -188,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     images = sub.add_parser("images", help="list images in the catalog")
     _add_catalog_options(images)
-    images.add_argument("--status", choices=["queued", "held", "processing", "done", "failed"])
+    images.add_argument("--status", choices=["queued", "held", "processing", "done", "failed"],
+                        help="failed: the image's job is quarantined (see cellseg1d quarantine)")
     images.add_argument("--path-contains", help="only images whose path contains this text")
     images.add_argument("--limit", type=int, default=200)
     images.add_argument("--json", action="store_true", help="machine-readable output")
@@ -251,12 +271,16 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     from cellseg1d.commands import adapters as adapters_cmd
+    from cellseg1d.commands import jobs as jobs_cmd
     from cellseg1d.commands import reprocess as reprocess_cmd
 
     adapters_cmd.add_parser(sub, _add_catalog_options)
     sub.choices["adapters"].set_defaults(func=cmd_adapters)
     reprocess_cmd.add_parser(sub, _add_catalog_options)
     sub.choices["reprocess"].set_defaults(func=cmd_reprocess)
+    jobs_cmd.add_parsers(sub, _add_catalog_options)
+    sub.choices["retry"].set_defaults(func=cmd_retry)
+    sub.choices["quarantine"].set_defaults(func=cmd_quarantine)
     return parser
 
 

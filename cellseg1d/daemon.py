@@ -442,7 +442,7 @@ class Daemon:
 
     def _failed(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None) -> None:
         state = self.queue.fail(job, error, permanent=permanent, plugin=plugin)
-        retry = state == "queued"
+        retry = state == "failed"  # a failed attempt waiting for its retry (quarantined: no retry)
         log.error("failed %s%s: %s", job.image_path, " (will retry)" if retry else "", error)
         self._notify("image_failed", image_path=job.image_path, error=error, plugin=plugin, will_retry=retry)
 

@@ -23,6 +23,7 @@ exact run key, so a new adapter version makes a new run.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -31,7 +32,18 @@ from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from cellseg1d import PIPELINE_VERSION
-from cellseg1d.catalog import Catalog, Experiment, Image, ImageStatus, Job, JobState, Result, utcnow
+from cellseg1d.catalog import (
+    Catalog,
+    Experiment,
+    Image,
+    ImageStatus,
+    Job,
+    JobEvent,
+    JobEventKind,
+    JobState,
+    Result,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 HELD_TAG = "held"
@@ -135,19 +147,20 @@ class JobQueue:
             return None  # another daemon queued the same run at the same moment
 
     def record_rejected(self, facts: ImageFacts, run_key: str, error: str, plugin: str | None = None) -> bool:
-        """Record an image that cannot be processed (bad input) as a failed job, once per run key."""
+        """Record an image that cannot be processed (bad input) as a quarantined job, once per run key."""
         try:
             with self.catalog.session() as s:
                 if self._has_run(s, facts.path, run_key):
                     return False
                 image = self._upsert_image(s, facts, ImageStatus.FAILED, error)
                 now = utcnow()
-                s.add(
-                    Job(
-                        image_id=image.id, run_key=run_key, state=JobState.FAILED, attempts=0,
-                        error=error, error_plugin=plugin, created_at=now, finished_at=now,
-                    )
+                job = Job(
+                    image_id=image.id, run_key=run_key, state=JobState.QUARANTINED, attempts=0,
+                    error=error, error_plugin=plugin, created_at=now, finished_at=now,
                 )
+                s.add(job)
+                s.flush()
+                add_event(s, job.id, JobEventKind.QUARANTINED, f"rejected at readiness: {error}", self.owner)
                 return True
         except IntegrityError:
             return False
@@ -175,7 +188,7 @@ class JobQueue:
     # -- working ------------------------------------------------------------
 
     def claim(self, prefer_adapter: int | None = None) -> ClaimedJob | None:
-        """Take the oldest runnable queued job, or return None when there is none.
+        """Take the oldest runnable job (queued, or failed and due for its retry); None when there is none.
 
         Jobs with adapter ``prefer_adapter`` (the one the worker ran last) come
         first, so that runs are grouped by adapter and the model switches less.
@@ -191,20 +204,25 @@ class JobQueue:
                            Image.path, Image.root)
                     .join(Image)
                     .where(
-                        Job.state == JobState.QUEUED,
+                        Job.state.in_(JobState.PENDING),
                         or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now),
                     )
                     .order_by(*order)
                     .limit(1)
+                    # PostgreSQL: daemons skip a job another one is claiming instead of queueing behind it
+                    # (SQLite has no row locks: BEGIN IMMEDIATE serializes claims already).
+                    .with_for_update(skip_locked=True, of=Job)
                 ).first()
                 if row is None:
                     return None
                 won = s.execute(
                     update(Job)
-                    .where(Job.id == row.id, Job.state == JobState.QUEUED)
+                    .where(Job.id == row.id, Job.state.in_(JobState.PENDING),
+                           or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now))
                     .values(
                         state=JobState.RUNNING, lease_owner=self.owner, lease_expires_at=now + self.lease,
                         attempts=Job.attempts + 1, started_at=now, error=None, error_plugin=None,
+                        next_attempt_at=None,
                     )
                 ).rowcount
                 if won:
@@ -238,17 +256,24 @@ class JobQueue:
                 )
             ).rowcount
             if not done:
-                return False
+                # Not ours any more, or this is a retry of a commit whose answer was lost with the
+                # connection (catalog outage): then the job is done and has its result.
+                return s.scalar(select(Result.id).where(Result.job_id == job.job_id)) is not None
             s.add(Result(job_id=job.job_id, image_id=job.image_id, created_at=now, **result))
             s.execute(update(Image).where(Image.id == job.image_id).values(
                 status=ImageStatus.DONE, error=None, updated_at=now))
             return True
 
     def fail(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None = None) -> str:
-        """Record a failed attempt; retry later unless permanent or out of attempts. Returns the new state."""
+        """Record a failed attempt and return the new state.
+
+        ``failed`` (retried at ``next_attempt_at``, after ``backoff * 2**(attempt-1)``
+        seconds) unless the error is permanent or ``max_attempts`` are used up:
+        then ``quarantined``.
+        """
         now = utcnow()
         retry = not permanent and job.attempt < self.max_attempts
-        state = JobState.QUEUED if retry else JobState.FAILED
+        state = JobState.FAILED if retry else JobState.QUARANTINED
         values: dict[str, Any] = dict(
             state=state, error=error, error_plugin=plugin, lease_owner=None, lease_expires_at=None,
         )
@@ -257,9 +282,13 @@ class JobQueue:
         else:
             values["finished_at"] = now
         with self.catalog.session() as s:
-            s.execute(update(Job).where(self._owned(job.job_id)).values(**values))
+            if not s.execute(update(Job).where(self._owned(job.job_id)).values(**values)).rowcount:
+                return JobState.RUNNING  # the lease passed to another worker: its outcome counts
             s.execute(update(Image).where(Image.id == job.image_id).values(
                 status=ImageStatus.QUEUED if retry else ImageStatus.FAILED, error=error, updated_at=now))
+            if not retry:
+                why = "permanent error" if permanent else f"{job.attempt} of {self.max_attempts} attempts failed"
+                add_event(s, job.job_id, JobEventKind.QUARANTINED, f"{why}: {error}", self.owner)
         return state
 
     def release(self, job: ClaimedJob) -> None:
@@ -271,7 +300,7 @@ class JobQueue:
                 status=ImageStatus.QUEUED, updated_at=utcnow()))
 
     def _requeue_interrupted(self, s: Any, where: Any) -> int:
-        """Requeue interrupted running jobs; fail those interrupted ``max_attempts`` times.
+        """Requeue interrupted running jobs; quarantine those interrupted ``max_attempts`` times.
 
         A job that kills its daemon every time (a poison image) must not loop forever.
         """
@@ -285,16 +314,23 @@ class JobQueue:
                 if give_up else None
             )
             s.execute(update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING).values(
-                state=JobState.FAILED if give_up else JobState.QUEUED, lease_owner=None,
+                state=JobState.QUARANTINED if give_up else JobState.QUEUED, lease_owner=None,
                 lease_expires_at=None, error=error, finished_at=now if give_up else None))
             s.execute(update(Image).where(Image.id == image_id).values(
                 status=ImageStatus.FAILED if give_up else ImageStatus.QUEUED, error=error, updated_at=now))
+            if give_up:
+                add_event(s, job_id, JobEventKind.QUARANTINED, error, self.owner)
         return len(rows)
 
-    def reclaim_expired(self) -> int:
-        """Requeue running jobs whose lease expired (their daemon died); return how many."""
+    def reclaim_expired(self, keep: Collection[int] = ()) -> int:
+        """Requeue running jobs whose lease expired (their daemon died); return how many.
+
+        ``keep``: jobs this process is still working on; their leases may have
+        run out during a catalog outage, and they must not run twice.
+        """
+        expired = Job.lease_expires_at < utcnow()
         with self.catalog.session() as s:
-            n = self._requeue_interrupted(s, Job.lease_expires_at < utcnow())
+            n = self._requeue_interrupted(s, and_(expired, Job.id.not_in(keep)) if keep else expired)
         if n:
             log.warning("requeued %d job(s) whose lease expired (a daemon stopped mid-job)", n)
         return n
@@ -337,14 +373,14 @@ def release_held(session: Any, job: HeldJob, route: str | None, adapter_id: int 
     """Queue a held job with the route it now has (its run key says so); False if it was not held any more.
 
     When an identical run already exists (same image version and route) the
-    held job is failed as a duplicate instead, naming that run.
+    held job is quarantined as a duplicate instead, naming that run.
     """
     prefix = job.run_key.removesuffix(":" + HELD_TAG)
     new_key = prefix + (f":{route}" if route else "")
     now = utcnow()
     existing = session.scalar(select(Job.id).where(Job.image_id == job.image_id, Job.run_key == new_key))
     if existing is not None:
-        values: dict[str, Any] = dict(state=JobState.FAILED, finished_at=now,
+        values: dict[str, Any] = dict(state=JobState.QUARANTINED, finished_at=now,
                                       error=f"held run superseded by job {existing} (same image version and adapter)")
     else:
         values = dict(state=JobState.QUEUED, run_key=new_key, adapter_id=adapter_id)
@@ -355,3 +391,142 @@ def release_held(session: Any, job: HeldJob, route: str | None, adapter_id: int 
         session.execute(update(Image).where(Image.id == job.image_id, Image.status == ImageStatus.HELD)
                         .values(status=ImageStatus.QUEUED, updated_at=now))
     return bool(changed) and existing is None
+
+
+# -- events, retries and quarantine (``cellseg1d retry`` / ``cellseg1d quarantine``) --------------
+
+
+def add_event(session: Any, job_id: int, kind: str, detail: str | None, actor: str | None) -> None:
+    """Record a job event (:class:`~cellseg1d.catalog.models.JobEventKind`) in the caller's transaction."""
+    session.add(JobEvent(job_id=job_id, at=utcnow(), kind=kind, detail=detail, actor=actor))
+
+
+@dataclass(frozen=True)
+class JobView:
+    """One failed or quarantined job, as the ``retry`` and ``quarantine`` commands show it."""
+
+    job_id: int
+    image: str
+    state: str
+    attempts: int
+    error: str | None
+    plugin: str | None
+    next_attempt_at: str | None
+    finished_at: str | None
+    experiment: str | None
+    run_key: str
+
+
+def _views(session: Any, state: str) -> list[JobView]:
+    rows = session.execute(
+        select(Job, Image.path).join(Image).where(Job.state == state)
+        .order_by(Job.next_attempt_at if state == JobState.FAILED else Job.id, Job.id)
+    ).all()
+    return [
+        JobView(j.id, path, j.state, j.attempts, j.error, j.error_plugin,
+                j.next_attempt_at.isoformat() if j.next_attempt_at else None,
+                j.finished_at.isoformat() if j.finished_at else None, j.experiment, j.run_key)
+        for j, path in rows
+    ]
+
+
+def waiting_for_retry(session: Any) -> list[JobView]:
+    """Jobs in state ``failed`` (a failed attempt, retried later), soonest retry first."""
+    return _views(session, JobState.FAILED)
+
+
+def quarantined_jobs(session: Any) -> list[JobView]:
+    """Jobs in state ``quarantined``, oldest first."""
+    return _views(session, JobState.QUARANTINED)
+
+
+@dataclass
+class Outcome:
+    """What a ``retry --now`` or ``quarantine --release`` did, per job id."""
+
+    changed: list[int]
+    #: Job id -> why it was left alone (unknown id, wrong state, superseded).
+    refused: dict[int, str]
+
+
+def _explain(session: Any, job_id: int, wanted: str) -> str:
+    job = session.get(Job, job_id)
+    if job is None:
+        return f"no job {job_id} in the catalog"
+    return f"job {job_id} is {job.state}, not {wanted}"
+
+
+def retry_now(session: Any, job_ids: list[int] | None, actor: str) -> Outcome:
+    """Make failed jobs (``job_ids``, or all when None) due now; a running daemon claims them on its next poll."""
+    ids = job_ids if job_ids is not None else [v.job_id for v in waiting_for_retry(session)]
+    outcome = Outcome([], {})
+    now = utcnow()
+    for job_id in ids:
+        changed = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.FAILED).values(next_attempt_at=now)
+        ).rowcount
+        if changed:
+            add_event(session, job_id, JobEventKind.RETRY_NOW, None, actor)
+            outcome.changed.append(job_id)
+        else:
+            outcome.refused[job_id] = _explain(session, job_id, JobState.FAILED)
+    return outcome
+
+
+def release_quarantined(session: Any, job_ids: list[int] | None, reason: str | None, actor: str) -> Outcome:
+    """Queue quarantined jobs again (``job_ids``, or all when None) with their attempts reset.
+
+    The release is recorded as a job event with the last error and ``reason``.
+    A job whose image has a newer job is refused (it would redo an old image
+    version); a superseded held run goes back to ``held``.
+    """
+    ids = job_ids if job_ids is not None else [v.job_id for v in quarantined_jobs(session)]
+    outcome = Outcome([], {})
+    now = utcnow()
+    for job_id in ids:
+        job = session.get(Job, job_id)
+        if job is None or job.state != JobState.QUARANTINED:
+            outcome.refused[job_id] = _explain(session, job_id, JobState.QUARANTINED)
+            continue
+        newer = session.scalar(select(Job.id).where(Job.image_id == job.image_id, Job.id > job.id)
+                               .order_by(Job.id.desc()).limit(1))
+        if newer is not None:
+            outcome.refused[job_id] = (f"job {job_id} is superseded by job {newer} of the same image "
+                                       "(a newer image version or adapter run); nothing to release")
+            continue
+        state = JobState.HELD if job.run_key.endswith(":" + HELD_TAG) else JobState.QUEUED
+        changed = session.execute(
+            update(Job).where(Job.id == job_id, Job.state == JobState.QUARANTINED).values(
+                state=state, attempts=0, next_attempt_at=None, error=None, error_plugin=None, finished_at=None)
+        ).rowcount
+        if not changed:  # released by someone else meanwhile
+            outcome.refused[job_id] = _explain(session, job_id, JobState.QUARANTINED)
+            continue
+        session.execute(update(Image).where(Image.id == job.image_id).values(
+            status=ImageStatus.HELD if state == JobState.HELD else ImageStatus.QUEUED, error=None, updated_at=now))
+        detail = f"after {job.attempts} attempt(s); last error: {job.error}"
+        add_event(session, job_id, JobEventKind.RELEASED, f"{reason} ({detail})" if reason else detail, actor)
+        outcome.changed.append(job_id)
+    return outcome
+
+
+def requeue_done(session: Any, job_id: int, reason: str, actor: str) -> bool:
+    """Queue a done job again (its outputs are gone); its stale result row is removed, the event keeps it.
+
+    Keeping the job (rather than adding one) keeps "one job per run key" and
+    "one result per done job"; the event records the old result and the reason.
+    """
+    job = session.get(Job, job_id)
+    if job is None or job.state != JobState.DONE:
+        return False
+    old = job.result
+    summary = (f"; old result {old.id}: {old.object_count} objects, {old.labels_path}, "
+               f"{old.created_at.isoformat()}") if old is not None else ""
+    if old is not None:
+        session.delete(old)
+    session.execute(update(Job).where(Job.id == job_id).values(
+        state=JobState.QUEUED, attempts=0, finished_at=None, seconds=None, next_attempt_at=None, error=None))
+    session.execute(update(Image).where(Image.id == job.image_id).values(
+        status=ImageStatus.QUEUED, updated_at=utcnow()))
+    add_event(session, job_id, JobEventKind.REDO, reason + summary, actor)
+    return True

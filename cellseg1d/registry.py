@@ -344,10 +344,10 @@ class Registry:
                 raise RegistryError(f"{row.label} is assigned to experiment(s) {', '.join(users)}; assign "
                                     "them another adapter first (cellseg1d adapters assign EXPERIMENT NAME)")
             pending = s.scalar(select(func.count()).select_from(Job).where(
-                Job.adapter_id == row.id, Job.state.in_((JobState.QUEUED, JobState.RUNNING))))
+                Job.adapter_id == row.id, Job.state.in_(JobState.ACTIVE)))
             if pending:
-                raise RegistryError(f"{row.label} has {pending} queued or running job(s); wait until they "
-                                    "finish (cellseg1d status)")
+                raise RegistryError(f"{row.label} has {pending} queued, running or retrying job(s); wait until "
+                                    "they finish (cellseg1d status)")
             s.get(Adapter, row.id).removed_at = utcnow()  # type: ignore[union-attr]
         shutil.rmtree(row.store_path, ignore_errors=True)
         log.info("removed adapter %s", row.label)

@@ -1,4 +1,12 @@
-"""Read-only views of the catalog for ``cellseg1d status`` and ``cellseg1d images``."""
+"""Read-only views of the catalog for ``cellseg1d status`` and ``cellseg1d images``.
+
+Image status is the user's view of the image's latest job: ``queued`` (also
+while a failed attempt waits for its retry), ``processing``, ``done``,
+``held`` and ``failed`` (the job is quarantined: it needs a person, see
+``cellseg1d quarantine``). Job states are the state machine's own
+(``queued``, ``running``, ``done``, ``failed`` = waiting for a retry,
+``quarantined``, ``held``).
+"""
 
 from __future__ import annotations
 
@@ -16,7 +24,7 @@ def _adapter_label(name: str | None, version: int | None) -> str | None:
 
 
 def status_report(catalog: Catalog, recent: int = 10) -> dict[str, Any]:
-    """Counts of images and jobs by state, the queue, held jobs by experiment, and the most recent failures."""
+    """Counts of images and jobs by state, the queue (with retry waiters), held jobs, recent quarantines."""
     with catalog.session() as s:
         images = dict(s.execute(select(Image.status, func.count()).group_by(Image.status)).all())
         jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
@@ -39,15 +47,18 @@ def status_report(catalog: Catalog, recent: int = 10) -> dict[str, Any]:
             ).all()
         ]
         failures = [
-            {"job": j.id, "image": path, "error": j.error, "plugin": j.error_plugin, "finished_at": j.finished_at}
+            {"job": j.id, "image": path, "error": j.error, "plugin": j.error_plugin, "attempts": j.attempts,
+             "finished_at": j.finished_at}
             for j, path in s.execute(
-                select(Job, Image.path).join(Image).where(Job.state == JobState.FAILED)
+                select(Job, Image.path).join(Image).where(Job.state == JobState.QUARANTINED)
                 .order_by(Job.finished_at.desc(), Job.id.desc()).limit(recent)
             ).all()
         ]
         objects = s.scalar(select(func.coalesce(func.sum(Result.object_count), 0)))
     return {"images": images, "jobs": jobs, "objects_found": int(objects or 0),
-            "queue": queue, "held": held, "recent_failures": failures}
+            "queue": queue, "held": held, "recent_failures": failures,
+            "waiting_for_retry": int(jobs.get(JobState.FAILED, 0)),
+            "quarantined": int(jobs.get(JobState.QUARANTINED, 0))}
 
 
 def list_images(catalog: Catalog, status: str | None = None, contains: str | None = None,
@@ -67,6 +78,8 @@ def list_images(catalog: Catalog, status: str | None = None, contains: str | Non
             adapter = provenance.get("adapter") or {}
             rows.append({
                 "path": image.path, "status": image.status, "experiment": image.experiment,
+                "job_state": latest.state if latest is not None else None,
+                "attempts": latest.attempts if latest is not None else None,
                 "adapter": _adapter_label(adapter.get("name"), adapter.get("version")) if adapter else None,
                 "runs": len(image.jobs), "shape": image.shape, "axes": image.axes,
                 "ngff": image.ngff_version, "objects": result.object_count if result else None,
@@ -86,15 +99,21 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
     for key in ("queued", "held", "processing", "done", "failed"):
         counts.add_row(key, str(report["images"].get(key, 0)))
     counts.add_row("objects found", str(report["objects_found"]))
+    counts.add_row("jobs waiting for a retry", str(report.get("waiting_for_retry", 0)))
+    counts.add_row("jobs quarantined", str(report.get("quarantined", 0)))
     console.print(counts)
     if report["queue"]:
         queue = Table(title="queue")
-        for col in ("job", "state", "attempts", "experiment", "adapter", "image"):
+        for col in ("job", "state", "attempts", "next attempt", "experiment", "adapter", "image"):
             queue.add_column(col)
         for row in report["queue"]:
-            queue.add_row(str(row["job"]), row["state"], str(row["attempts"]), row["experiment"] or "",
-                          row["adapter"] or "", row["image"])
+            queue.add_row(str(row["job"]), row["state"], str(row["attempts"]),
+                          str(row["next_attempt_at"])[:19] if row["state"] == JobState.FAILED else "",
+                          row["experiment"] or "", row["adapter"] or "", row["image"])
         console.print(queue)
+    if report.get("waiting_for_retry"):
+        console.print("failed attempts wait for their retry: 'cellseg1d retry' lists them, "
+                      "'cellseg1d retry --now --all' runs them now")
     if report.get("held"):
         held = Table(title="held: waiting for an adapter")
         for col in ("experiment", "jobs", "to release them"):
@@ -103,7 +122,7 @@ def print_status(report: dict[str, Any], console: Console | None = None) -> None
             held.add_row(row["experiment"] or "", str(row["jobs"]), row["hint"])
         console.print(held)
     if report["recent_failures"]:
-        fails = Table(title="recent failures")
+        fails = Table(title="recently quarantined (cellseg1d quarantine --release JOB_ID to run again)")
         fails.add_column("image", overflow="fold")
         fails.add_column("error", overflow="fold")
         for row in report["recent_failures"]:

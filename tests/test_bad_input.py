@@ -6,7 +6,7 @@ Three levels:
   each kind of bad input (see tests/badinput.py) raise ImageError naming the
   file or folder at fault and the problem, and leave the source untouched;
 * readiness: the daemon's ``_consider`` (in-process) records each image that
-  fails at readiness as a failed job with that message;
+  fails at readiness as a quarantined job with that message;
 * daemon (slow): one ``cellseg1d run`` subprocess with every bad container and
   some good images arriving before and after it starts.
 """
@@ -204,8 +204,8 @@ def test_bad_labels_group_is_not_published_into(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------
 
 
-def test_readiness_rejects_bad_images_as_failed_jobs(tmp_path: Path) -> None:
-    """Daemon._consider records every image that fails at readiness as a failed job."""
+def test_readiness_rejects_bad_images_as_quarantined_jobs(tmp_path: Path) -> None:
+    """Daemon._consider records every image that fails at readiness as a quarantined job."""
     from cellseg1d.daemon import Daemon
     from cellseg1d.watch import Candidate, tree_signature
 
@@ -232,7 +232,7 @@ def test_readiness_rejects_bad_images_as_failed_jobs(tmp_path: Path) -> None:
             jobs = jobs_for(state, str(bad.path))
             assert len(jobs) == 1, (bad.kind, jobs)
             job_state, attempts, error, plugin = jobs[0]
-            assert (job_state, attempts, plugin) == ("failed", 0, None)
+            assert (job_state, attempts, plugin) == ("quarantined", 0, None)
             bad.check_message(error)
             assert cand.next_check == float("inf")  # not looked at again unless it changes
         statuses = image_status(state)
@@ -263,7 +263,7 @@ def _mount_small_tmpfs(mnt: Path) -> bool:
 def test_daemon_survives_every_kind_of_bad_input(tmp_path: Path, acquisition: Path, daemons) -> None:
     """One daemon, every kind of bad input and the good controls, arriving before and after it starts.
 
-    Each ends as a failed job whose error names the file and the problem, or (good
+    Each ends as a quarantined job whose error names the file and the problem, or (good
     controls, and the dynamic cases where the writer recovers) as done; every source
     is untouched apart from its labels group; links out of the root are never
     followed; the daemon stays alive and logs no traceback.
@@ -374,19 +374,19 @@ def test_daemon_survives_every_kind_of_bad_input(tmp_path: Path, acquisition: Pa
                 continue
             assert status[str(bad.path)] == "failed", (bad.kind, bad.version, jobs_for(state, str(bad.path)))
             jobs = jobs_for(state, str(bad.path))
-            assert [j[0] for j in jobs] == ["failed"], (bad.kind, jobs)
+            assert [j[0] for j in jobs] == ["quarantined"], (bad.kind, jobs)
             bad.check_message(jobs[0][2])  # names the container (or a file in it) and the problem
             assert_unchanged_but_labels_group(bad.path, hashes[bad.name])
         if full_image is not None:
             jobs = jobs_for(state, str(full_image))
-            assert [j[0] for j in jobs] == ["failed"], jobs
+            assert [j[0] for j in jobs] == ["quarantined"], jobs
             assert "no space left" in jobs[0][2] and str(full_image / "labels") in jobs[0][2], jobs
             assert_unchanged_but_labels_group(full_image, hashes[full_image.name])
 
         # The deleted image: a clear failure (or done, had it finished first); nothing recreated it.
         doomed_jobs = jobs_for(state, str(doomed))
-        assert doomed_jobs and doomed_jobs[-1][0] in ("failed", "done"), doomed_jobs
-        if doomed_jobs[-1][0] == "failed":
+        assert doomed_jobs and doomed_jobs[-1][0] in ("quarantined", "done"), doomed_jobs
+        if doomed_jobs[-1][0] == "quarantined":
             assert "deleted" in doomed_jobs[-1][2] and str(doomed) in doomed_jobs[-1][2], doomed_jobs
         assert not doomed.exists()
 

@@ -33,7 +33,7 @@ def facts(n: int) -> ImageFacts:
 def test_migrations_match_models_and_file_is_private(catalog: Catalog, tmp_path: Path) -> None:
     with catalog.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    assert catalog.schema_revision() == "0002"
+    assert catalog.schema_revision() == "0003"
     assert (tmp_path / "state" / "catalog.sqlite").stat().st_mode & 0o077 == 0
 
 
@@ -71,26 +71,32 @@ def test_each_job_is_claimed_once_by_concurrent_workers(catalog: Catalog) -> Non
         assert {j.state for j in s.scalars(select(Job))} == {JobState.DONE}
 
 
-def test_transient_failure_retries_with_backoff_then_fails(catalog: Catalog) -> None:
+def test_transient_failure_retries_with_backoff_then_is_quarantined(catalog: Catalog) -> None:
     q = JobQueue(catalog, "w", max_attempts=2, retry_backoff_seconds=60)
     q.enqueue(facts(1), "k")
     job = q.claim()
-    assert q.fail(job, "disk hiccup", permanent=False) == JobState.QUEUED
+    assert q.fail(job, "disk hiccup", permanent=False) == JobState.FAILED
+    with catalog.session() as s:
+        waiting = s.scalar(select(Job))
+        assert waiting.state == JobState.FAILED and waiting.error == "disk hiccup" and waiting.attempts == 1
+        assert timedelta(seconds=55) < waiting.next_attempt_at - utcnow() <= timedelta(seconds=60)
     assert q.claim() is None  # backoff not over yet
     with catalog.session() as s:
         s.execute(update(Job).values(next_attempt_at=utcnow() - timedelta(seconds=1)))
     job = q.claim()
     assert job is not None and job.attempt == 2
-    assert q.fail(job, "disk hiccup again", permanent=False) == JobState.FAILED
+    assert q.fail(job, "disk hiccup again", permanent=False) == JobState.QUARANTINED
     with catalog.session() as s:
         image = s.scalar(select(Image))
-        assert image.status == "failed" and image.error == "disk hiccup again"
+        assert image.status == "failed" and image.error == "disk hiccup again"  # image status: needs a person
+        (event,) = s.scalar(select(Job)).events
+        assert event.kind == "quarantined" and "2 of 2 attempts" in event.detail
 
 
 def test_permanent_failure_is_not_retried(catalog: Catalog) -> None:
     q = JobQueue(catalog, "w", max_attempts=5)
     q.enqueue(facts(1), "k")
-    assert q.fail(q.claim(), "bad dtype", permanent=True, plugin="x") == JobState.FAILED
+    assert q.fail(q.claim(), "bad dtype", permanent=True, plugin="x") == JobState.QUARANTINED
     assert q.claim() is None
 
 
@@ -128,7 +134,7 @@ def test_node_restart_requeues_then_gives_up_on_poison_image(catalog: Catalog) -
     assert q3.claim() is None
     with catalog.session() as s:
         job = s.scalar(select(Job))
-        assert job.state == JobState.FAILED and "interrupted 2 time(s)" in job.error
+        assert job.state == JobState.QUARANTINED and "interrupted 2 time(s)" in job.error
 
 
 def test_rejected_image_recorded_once(catalog: Catalog) -> None:
@@ -137,4 +143,4 @@ def test_rejected_image_recorded_once(catalog: Catalog) -> None:
     assert not q.record_rejected(facts(1), "rejected:abc", "invalid JSON in /acq/img1.zarr/zarr.json")
     with catalog.session() as s:
         job = s.scalar(select(Job))
-        assert job.state == JobState.FAILED and "zarr.json" in job.error
+        assert job.state == JobState.QUARANTINED and "zarr.json" in job.error

@@ -429,7 +429,7 @@ def test_failing_plugin_does_not_stop_the_daemon(tmp_path: Path, acquisition: Pa
         assert running.thread.is_alive()
 
     (state_, attempts, error, error_plugin), = jobs_for(state, str(bad.resolve()))
-    assert state_ == "failed" and attempts == 1  # a plugin error is permanent: no retry
+    assert state_ == "quarantined" and attempts == 1  # a plugin error is permanent: no retry
     assert error_plugin == "picky-plugin"
     assert "plugin 'picky-plugin' failed in hook 'segment'" in error
     assert "cannot handle bad images" in error

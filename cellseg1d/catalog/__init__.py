@@ -8,12 +8,14 @@ from cellseg1d.catalog.models import (
     Image,
     ImageStatus,
     Job,
+    JobEvent,
+    JobEventKind,
     JobState,
     Result,
     utcnow,
 )
 
 __all__ = [
-    "Adapter", "Assignment", "Catalog", "Experiment", "Image", "ImageStatus", "Job", "JobState", "Result",
-    "utcnow",
+    "Adapter", "Assignment", "Catalog", "Experiment", "Image", "ImageStatus", "Job", "JobEvent", "JobEventKind",
+    "JobState", "Result", "utcnow",
 ]

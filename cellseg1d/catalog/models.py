@@ -7,7 +7,8 @@ row is what a finished job wrote. Experiments name kinds of images (sample,
 stain, microscope setting); adapters are the registered LoRA adapter
 versions; an assignment points an experiment at one adapter version (the
 assignment with ``unassigned_at`` NULL is the current one; older rows are
-the history).
+the history). Job events record what happened to a job besides its state
+(quarantined, released, retried now, redone at start-up) and why.
 """
 
 from __future__ import annotations
@@ -57,27 +58,42 @@ class Base(DeclarativeBase):
 
 
 class ImageStatus:
-    """Values of ``Image.status``: the state of the image's latest job."""
+    """Values of ``Image.status``: the state of the image's latest job, in words for users."""
 
+    #: Waiting to run: new, or a failed attempt waiting for its retry.
     QUEUED = "queued"
     PROCESSING = "processing"
     DONE = "done"
+    #: Needs a person: the image's job is quarantined (bad input, permanent error, attempts used up).
     FAILED = "failed"
     #: Waiting for an adapter to be assigned to the image's experiment.
     HELD = "held"
 
 
 class JobState:
-    """Values of ``Job.state``."""
+    """Values of ``Job.state``::
+
+        held --(adapter assigned)--> queued --(claim)--> running --> done
+                                       ^                   |  \
+                                       |   (due: backoff)  |   `--> quarantined (terminal until released)
+                                       `----- failed <-----'
+    """
 
     QUEUED = "queued"
+    #: Claimed by a worker holding a lease (``lease_owner``, ``lease_expires_at``, renewed by heartbeats).
     RUNNING = "running"
     DONE = "done"
+    #: An attempt failed; the job runs again at ``next_attempt_at`` (exponential backoff), ``error`` says why.
     FAILED = "failed"
+    #: Terminal: a permanent error, ``jobs.max_attempts`` used up, or a job that kept killing its daemon.
+    #: ``cellseg1d quarantine --release`` queues it again.
+    QUARANTINED = "quarantined"
     #: Waiting for an adapter: the image's experiment has none and its root holds such jobs.
     HELD = "held"
 
-    ACTIVE = (QUEUED, RUNNING)
+    #: Will run (or runs) without anyone doing anything.
+    PENDING = (QUEUED, FAILED)
+    ACTIVE = (QUEUED, FAILED, RUNNING)
 
 
 class Image(Base):
@@ -129,6 +145,37 @@ class Job(Base):
 
     image: Mapped[Image] = relationship(back_populates="jobs")
     result: Mapped[Result | None] = relationship(back_populates="job")
+    events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
+
+
+class JobEventKind:
+    """Values of ``JobEvent.kind``."""
+
+    QUARANTINED = "quarantined"
+    RELEASED = "released"
+    RETRY_NOW = "retry-now"
+    #: Start-up reconciliation queued the job again (its label image was missing or incomplete).
+    REDO = "redo"
+    #: Start-up reconciliation found the job's label image on disk while the job was not done.
+    LABELS_WITHOUT_DONE = "labels-without-done"
+
+
+class JobEvent(Base):
+    """Something that happened to a job besides its state changing: who, when, why."""
+
+    __tablename__ = "job_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime]
+    #: One of :class:`JobEventKind`.
+    kind: Mapped[str] = mapped_column(String(32))
+    #: Why (the error, the reason given on release, what reconciliation found).
+    detail: Mapped[str | None] = mapped_column(Text)
+    #: Who: a daemon's lease owner id, ``cellseg1d quarantine``, ``cellseg1d retry``, ...
+    actor: Mapped[str | None] = mapped_column(String(200))
+
+    job: Mapped[Job] = relationship(back_populates="events")
 
 
 class Result(Base):
