@@ -51,16 +51,16 @@ def _config_for(args: argparse.Namespace, need_state: bool = False) -> Config:
 
 
 def _open_catalog(config: Config) -> Any:
-    from cellseg1d.catalog import Catalog
-
     if config.catalog.url is None and not (config.state_dir / "catalog.sqlite").exists():
         raise ConfigError(
             f"no catalog in {config.state_dir}; has the daemon run with this state dir? "
             "(pass --state-dir or --config)"
         )
-    catalog = Catalog(config.catalog_url)
+    from cellseg1d.catalog.db import open_catalog, redact
+
+    catalog = open_catalog(config)
     if not catalog.has_schema():
-        raise ConfigError(f"the catalog at {config.catalog_url} has no cellseg1d tables yet")
+        raise ConfigError(f"the catalog at {redact(config.catalog_url)} has no cellseg1d tables yet")
     return catalog
 
 

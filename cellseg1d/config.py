@@ -221,8 +221,17 @@ class AdapterSettings(_Section):
 
 
 class CatalogSettings(_Section):
-    #: SQLAlchemy URL; empty: a SQLite file ``catalog.sqlite`` in the state dir.
+    #: SQLAlchemy URL; empty: a SQLite file ``catalog.sqlite`` in the state dir. For a shared
+    #: catalog: ``postgresql+psycopg://USER@HOST[:PORT]/DB`` (the password does not belong here).
     url: str | None = None
+    #: File holding the database password (first line; not readable by other users). Or set the
+    #: environment variable ``CELLSEG1D_CATALOG_PASSWORD`` (not both).
+    password_file: Path | None = None
+
+    @field_validator("password_file")
+    @classmethod
+    def _absolute_password_file(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser().absolute()
 
 
 class JobSettings(_Section):
@@ -311,8 +320,8 @@ def apply_env_overrides(data: dict[str, Any], environ: dict[str, str] | None = N
     """Merge ``CELLSEG1D_SECTION__KEY=value`` variables into a config dict."""
     environ = dict(os.environ if environ is None else environ)
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
-            continue
+        if not name.startswith(ENV_PREFIX) or name in (ENV_PREFIX + "CONFIG", ENV_PREFIX + "CATALOG_PASSWORD"):
+            continue  # not settings: the config file's path and the catalog password (read by the catalog)
         keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
         if not keys:
             continue

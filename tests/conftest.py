@@ -10,6 +10,7 @@ import pytest
 
 from cellseg1d.synthetic import make_czyx, write_ome_zarr
 from tests.helpers import DaemonProcess
+from tests.pg import PgServer, find_pg_bindir, start_server
 
 
 @pytest.fixture
@@ -60,3 +61,20 @@ def daemons() -> Iterator:
     yield _start
     for d in started:
         d.kill()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A private PostgreSQL server for the test session (skips when PostgreSQL is not installed)."""
+    if find_pg_bindir() is None:
+        pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) not found: install Debian's 'postgresql' "
+                    "package (CI's .ci/run does) or set CELLSEG1D_PG_BINDIR")
+    server = start_server()
+    yield server
+    server.destroy()
+
+
+@pytest.fixture
+def pg_url(pg_server: PgServer) -> str:
+    """URL of a new, empty database on the session's PostgreSQL server (user postgres, no password)."""
+    return pg_server.create_database()

@@ -16,14 +16,14 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from cellseg1d.catalog import Catalog
+from cellseg1d.catalog.db import open_catalog
 from cellseg1d.config import Config
 from cellseg1d.registry import Registry, configured_base, parse_ref
 
 
 def open_registry(config: Config, check_base: bool = True) -> Registry:
     """The registry of ``config``'s catalog (created and migrated if new) and adapter store."""
-    catalog = Catalog(config.catalog_url)
+    catalog = open_catalog(config)
     catalog.migrate()
     return Registry(catalog, config.adapter_store, configured_base(config) if check_base else None)
 
