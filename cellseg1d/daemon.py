@@ -23,8 +23,8 @@ from types import FrameType
 from typing import Any
 
 from cellseg1d import __version__
-from cellseg1d.catalog import Adapter, Catalog
-from cellseg1d.catalog.db import redact
+from cellseg1d.catalog import Adapter
+from cellseg1d.catalog.db import open_catalog, redact
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
 from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue, held_jobs, release_held, run_key, run_key_prefix
@@ -91,13 +91,24 @@ class Heartbeat(threading.Thread):
         self._halt = threading.Event()
 
     def run(self) -> None:
-        while not self._halt.wait(self.interval):
+        catalog, wait = self.queue.catalog, self.interval
+        while not self._halt.wait(wait):
             try:
-                if not self.queue.heartbeat(self.job.job_id):
-                    self.lost = True
-                    return
-            except Exception as err:  # catalog briefly unreachable: try again next beat
-                log.warning("lease heartbeat for job %d failed: %s", self.job.job_id, err)
+                owned = self.queue.heartbeat(self.job.job_id)
+            except Exception as err:
+                if catalog.is_transient(err):
+                    # Catalog unreachable (logged once for all threads): beat again within a second,
+                    # so the lease is renewed as soon as it is back, before others think us dead.
+                    catalog.note_unreachable(err)
+                    wait = min(self.interval, 1.0)
+                else:
+                    log.warning("lease heartbeat for job %d failed: %s", self.job.job_id, err)
+                continue
+            catalog.note_reachable()
+            wait = self.interval
+            if not owned:
+                self.lost = True
+                return
 
     def stop(self) -> None:
         self._halt.set()
@@ -116,7 +127,7 @@ class Daemon:
         self.lock = StateDirLock(config.state_dir)
         self.lock.acquire()
         try:
-            self.catalog = Catalog(config.catalog_url)
+            self.catalog = open_catalog(config)
             self.catalog.migrate()
             self.pm = build_plugin_manager(config.plugins.enable, config.plugins.disable, extra_plugins)
             try:
@@ -151,6 +162,8 @@ class Daemon:
         )
         self.watcher: Watcher | None = None
         self._waiting_logged: set[Path] = set()
+        #: Jobs this process's workers hold (their leases may lapse during a catalog outage).
+        self._active: set[int] = set()
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -206,7 +219,7 @@ class Daemon:
                 self._schedule_once()
                 if time.monotonic() >= next_rescan:
                     self.tracker.rescan()
-                    self.queue.reclaim_expired()
+                    self._reclaim_expired()
                     self._reroute_held()
                     next_rescan = time.monotonic() + cfg.watch.rescan_seconds
                 self._check_watcher()
@@ -224,6 +237,23 @@ class Daemon:
             log.info("stopped")
         return 0
 
+    def _reclaim_expired(self) -> None:
+        """Requeue jobs of daemons that died, never this daemon's own jobs in progress.
+
+        Not during a catalog outage nor for a lease time after one: leases run
+        out while nobody can renew them, and the other daemons' heartbeats get
+        that long to renew theirs.
+        """
+        if self.catalog.seconds_since_outage() < self.config.jobs.lease_seconds:
+            return
+        try:
+            self.queue.reclaim_expired(keep=set(self._active))
+        except Exception as err:
+            if self.catalog.is_transient(err):
+                self.catalog.note_unreachable(err)
+            else:
+                log.error("cannot requeue expired jobs: %s", err)
+
     def _check_watcher(self) -> None:
         if self.watcher is not None and not self.watcher.observer.is_alive() and not self.stop_event.is_set():
             log.error("the file watcher stopped unexpectedly (inotify limit?); switching to polling")
@@ -234,14 +264,17 @@ class Daemon:
     def _schedule_once(self) -> None:
         try:
             ready, problems = self.tracker.poll()
+            # Catalog unreachable: wait for it here (the watcher keeps collecting events meanwhile).
             for container, root_index, error in problems:
-                self._reject(container, container, root_index, error, None)
+                self.catalog.retry(self._reject, container, container, root_index, error, None,
+                                   until=self.stop_event)
             for cand in ready:
-                self._consider(cand)
+                self.catalog.retry(self._consider, cand, until=self.stop_event)
         except CellsegError as err:
             log.error("%s", err)
-        except Exception:  # never let one bad folder stop the scheduler
-            log.exception("unexpected error while checking images; continuing")
+        except Exception as err:  # never let one bad folder stop the scheduler
+            if not self.catalog.is_transient(err):  # (transient: stopping during a catalog outage)
+                log.exception("unexpected error while checking images; continuing")
 
     def _facts(self, path: Path, container: Path, root_index: int, image: Any = None,
                experiment: str | None = None) -> ImageFacts:
@@ -354,7 +387,10 @@ class Daemon:
                 log.info("released %d held job(s)", released)
                 self.work_event.set()
         except Exception as err:  # never let this stop the scheduler
-            log.error("cannot check held jobs: %s", err)
+            if self.catalog.is_transient(err):
+                self.catalog.note_unreachable(err)  # logged once; checked again at the next rescan
+            else:
+                log.error("cannot check held jobs: %s", err)
 
     def _log_waiting(self, cand: Candidate, why: str) -> None:
         if cand.image not in self._waiting_logged:
@@ -371,34 +407,35 @@ class Daemon:
         while not self.stop_event.is_set():
             self.work_event.clear()  # before claiming, so a wake-up during the claim is not lost
             try:
-                job = self.queue.claim(prefer_adapter=last_adapter)
+                job = self.catalog.retry(self.queue.claim, prefer_adapter=last_adapter, until=self.stop_event)
             except Exception as err:
-                log.error("cannot claim work from the catalog: %s; retrying in 5 s", err)
+                if not self.catalog.is_transient(err):  # (transient: stopping during a catalog outage)
+                    log.error("cannot claim work from the catalog: %s; retrying in 5 s", err)
                 self.stop_event.wait(5)
                 continue
             if job is None:
                 self.work_event.wait(1.0)
                 continue
             last_adapter = job.adapter_id if job.adapter_id is not None else last_adapter
+            self._active.add(job.job_id)
             try:
                 self._process(job)
             except Exception:
                 log.exception("unexpected error while recording job %d; continuing", job.job_id)
+            finally:
+                self._active.discard(job.job_id)
 
     def _process(self, job: ClaimedJob) -> None:
         path = Path(job.image_path)
         root = self._root_for(job.root)
         if root is None:
-            self.queue.fail(job, f"{path}: its watched folder {job.root} is no longer configured",
-                            permanent=True)
+            self.catalog.retry(self.queue.fail, job, f"{path}: its watched folder {job.root} is no longer "
+                               "configured", permanent=True, until=self.abort_event)
             return
         container = container_of(path, root.path, self.config.watch.container_suffixes) or path
         adapter: AdapterRef | None = None
         if job.adapter_id is not None:
-            with self.catalog.session() as s:
-                row = s.get(Adapter, job.adapter_id)
-                if row is not None and row.removed_at is None:
-                    adapter = adapter_ref(row)
+            adapter = self.catalog.retry(self._adapter, job.adapter_id, until=self.abort_event)
             if adapter is None:
                 self._failed(job, f"{path}: the adapter this job was queued with (id {job.adapter_id}) was removed "
                              "from the registry; assign another one and run 'cellseg1d reprocess'",
@@ -415,7 +452,7 @@ class Daemon:
                 experiment=job.experiment, adapter=adapter, fallback=job.run_key.endswith(":classical"),
             )
         except JobAborted as err:
-            self.queue.release(job)
+            self.catalog.retry(self.queue.release, job, until=self.abort_event)
             log.warning("released job %d unfinished: %s", job.job_id, err)
             return
         except ImageError as err:
@@ -431,7 +468,10 @@ class Daemon:
         finally:
             heartbeat.stop()
         seconds = time.perf_counter() - started
-        if not self.queue.complete(job, result.catalog_fields(), seconds):
+        # The outputs are published: during a catalog outage keep retrying the commit (until a
+        # second signal); the conditional UPDATE on the lease owner keeps it from counting twice.
+        if not self.catalog.retry(self.queue.complete, job, result.catalog_fields(), seconds,
+                                  until=self.abort_event):
             log.warning("job %d finished but its lease had passed to another worker", job.job_id)
             return
         log.info("done %s: %d objects by %s in %.2f s -> %s", path, result.object_count,
@@ -440,8 +480,15 @@ class Daemon:
             **result.catalog_fields(), "seconds": seconds,
         })
 
+    def _adapter(self, adapter_id: int) -> AdapterRef | None:
+        """The registered adapter version ``adapter_id`` (None if it was removed)."""
+        with self.catalog.session() as s:
+            row = s.get(Adapter, adapter_id)
+            return adapter_ref(row) if row is not None and row.removed_at is None else None
+
     def _failed(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None) -> None:
-        state = self.queue.fail(job, error, permanent=permanent, plugin=plugin)
+        state = self.catalog.retry(self.queue.fail, job, error, permanent=permanent, plugin=plugin,
+                                   until=self.abort_event)
         retry = state == "failed"  # a failed attempt waiting for its retry (quarantined: no retry)
         log.error("failed %s%s: %s", job.image_path, " (will retry)" if retry else "", error)
         self._notify("image_failed", image_path=job.image_path, error=error, plugin=plugin, will_retry=retry)
