@@ -495,6 +495,7 @@ def release_quarantined(session: Any, job_ids: list[int] | None, reason: str | N
                                        "(a newer image version or adapter run); nothing to release")
             continue
         state = JobState.HELD if job.run_key.endswith(":" + HELD_TAG) else JobState.QUEUED
+        detail = f"after {job.attempts} attempt(s); last error: {job.error}"  # before the update resets them
         changed = session.execute(
             update(Job).where(Job.id == job_id, Job.state == JobState.QUARANTINED).values(
                 state=state, attempts=0, next_attempt_at=None, error=None, error_plugin=None, finished_at=None)
@@ -504,7 +505,6 @@ def release_quarantined(session: Any, job_ids: list[int] | None, reason: str | N
             continue
         session.execute(update(Image).where(Image.id == job.image_id).values(
             status=ImageStatus.HELD if state == JobState.HELD else ImageStatus.QUEUED, error=None, updated_at=now))
-        detail = f"after {job.attempts} attempt(s); last error: {job.error}"
         add_event(session, job_id, JobEventKind.RELEASED, f"{reason} ({detail})" if reason else detail, actor)
         outcome.changed.append(job_id)
     return outcome
