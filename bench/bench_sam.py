@@ -143,7 +143,7 @@ def _run_ours(spec, sam, rgb, truth, dtype) -> dict[str, Any]:
     from cellseg1d.model.inference import InferenceReport, InferenceSettings, segment_image
 
     settings = InferenceSettings(points_per_side=spec["points_per_side"], image_size=IMAGE_SIDE,
-                                 **MODES[spec["mode"]])
+                                 crop_n_layers=spec["crop_n_layers"], **MODES[spec["mode"]])
     report = InferenceReport()
     start = time.perf_counter()
     labels = segment_image(sam, rgb, settings, spec["device"], autocast=dtype,
@@ -167,7 +167,7 @@ def _run_reference(spec, sam, rgb, dtype) -> dict[str, Any]:
         stability_score_thresh=mode["stability_score_thresh"],
         stability_score_offset=0.8,
         box_nms_thresh=0.05,
-        crop_n_layers=1,
+        crop_n_layers=spec["crop_n_layers"],
         crop_nms_thresh=0.05,
         crop_overlap_ratio=512 / 1500,
         min_mask_region_area=0,
@@ -316,6 +316,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model-type", default="vit_b")
     parser.add_argument("--checkpoint", default=None, help="official SAM checkpoint (.pth) of --model-type")
     parser.add_argument("--points-per-side", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
+    parser.add_argument("--crop-n-layers", type=int, default=1, help="1 (paper): 5 crops; 0: whole image only")
     parser.add_argument("--modes", default="paper,lowered")
     parser.add_argument("--dtypes", default="auto", help="fp32,bf16 or auto (bf16 only where it is native)")
     parser.add_argument("--skip-reference", action="store_true")
@@ -351,7 +352,9 @@ def main(argv: list[str] | None = None) -> None:
     weights = args.checkpoint or f"random (seed {args.seed})"
     print(f"  model {args.model_type} at input {IMAGE_SIDE}, weights {weights}; image {IMAGE_SIDE}x{IMAGE_SIDE} "
           f"synthetic, {args.n_cells} cells requested")
-    print(f"  grid {points}x{points} points per crop, crop_n_layers 1 (5 crops: {5 * points * points} prompts), "
+    n_crops = sum(4**i for i in range(args.crop_n_layers + 1))
+    print(f"  grid {points}x{points} points per crop, crop_n_layers {args.crop_n_layers} "
+          f"({n_crops} crops: {n_crops * points * points} prompts), "
           f"batch 64" + ("" if points == 32 else "  [paper grid: --points-per-side 32]"))
     if "bf16" not in dtypes and args.dtypes == "auto":
         print("  bf16 autocast skipped: not native here (emulated bf16 measured ~8-10x slower); "
@@ -373,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
             for impl in impls:
                 spec = dict(impl=impl, mode=mode, dtype=dtype, device=args.device, points_per_side=points,
                             model_type=args.model_type, checkpoint=args.checkpoint, seed=args.seed,
-                            threads=args.threads, n_cells=args.n_cells)
+                            threads=args.threads, n_cells=args.n_cells, crop_n_layers=args.crop_n_layers)
                 _print_result(f"{impl} {dtype}", _spawn(spec))
                 sys.stdout.flush()
 
