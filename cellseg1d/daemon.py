@@ -195,6 +195,9 @@ class Daemon:
         )
         self.queue.reclaim_node(self.node_id)
         self.queue.reclaim_expired()
+        from cellseg1d.reconcile import reconcile_daemon
+
+        reconcile_daemon(self)  # leftovers of crashed attempts, lost or unrecorded label images
         self._reroute_held()
         try:
             self._start_watcher(cfg.watch.polling)
