@@ -254,7 +254,11 @@ class Catalog:
             return MigrationContext.configure(conn).get_current_revision()
 
     def has_schema(self) -> bool:
-        return inspect(self.engine).has_table("jobs")
+        """Whether the database has cellseg1d's tables (a clear error if it cannot be reached)."""
+        try:
+            return inspect(self.engine).has_table("jobs")
+        except OperationalError as err:
+            raise CatalogError(f"cannot open the catalog at {redact(self.url)}: {_one_line(err)}") from None
 
     def close(self) -> None:
         self.engine.dispose()
