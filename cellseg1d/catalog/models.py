@@ -71,12 +71,12 @@ class ImageStatus:
 
 
 class JobState:
-    """Values of ``Job.state``::
+    """Values of ``Job.state`` (docs/jobs.md draws the machine).
 
-        held --(adapter assigned)--> queued --(claim)--> running --> done
-                                       ^                   |  \
-                                       |   (due: backoff)  |   `--> quarantined (terminal until released)
-                                       `----- failed <-----'
+    ``held -> queued -> running -> done``; from ``running`` a transient error
+    goes to ``failed`` (claimed again when ``next_attempt_at`` is due) and a
+    permanent one, or the last allowed attempt, to ``quarantined``, which
+    only ``cellseg1d quarantine --release`` leaves (back to ``queued``).
     """
 
     QUEUED = "queued"
@@ -91,7 +91,7 @@ class JobState:
     #: Waiting for an adapter: the image's experiment has none and its root holds such jobs.
     HELD = "held"
 
-    #: Will run (or runs) without anyone doing anything.
+    #: Waiting to run, claimable once due; ACTIVE adds the running ones.
     PENDING = (QUEUED, FAILED)
     ACTIVE = (QUEUED, FAILED, RUNNING)
 
