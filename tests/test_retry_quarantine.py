@@ -129,6 +129,14 @@ def test_retry_lists_and_makes_jobs_due_now(catalog: Catalog, state: Path) -> No
     assert listed[0]["next_attempt_at"] is not None and listed[0]["image"] == "/acq/img1.zarr"
     table = cli(state, "retry")
     assert table.returncode == 0 and "img1.zarr" in table.stdout and "retry --now" in table.stdout
+    status = json.loads(cli(state, "status", "--json").stdout)
+    assert (status["waiting_for_retry"], status["quarantined"]) == (2, 1)
+    assert status["images"] == {"queued": 2, "failed": 1}  # image status: failed = its job is quarantined
+    assert [r["job"] for r in status["recent_failures"]] == [quarantined]
+    assert {r["job"]: r["state"] for r in status["queue"]} == {waiting: "failed", other: "failed"}
+    images = {i["path"]: i["job_state"] for i in json.loads(cli(state, "images", "--json").stdout)}
+    assert images == {"/acq/img1.zarr": "failed", "/acq/img2.zarr": "failed", "/acq/img3.zarr": "quarantined"}
+    assert "jobs quarantined" in cli(state, "status").stdout
 
     assert JobQueue(catalog, "w").claim() is None  # an hour to go
     out = cli(state, "retry", "--now", str(waiting), "999", str(quarantined))
