@@ -29,7 +29,7 @@ from cellseg1d.errors import CatalogError
 from cellseg1d.jobs import ImageFacts, JobQueue
 from cellseg1d.metrics import average_precision
 from tests.helpers import REPO, wait_for
-from tests.pg import PgServer, start_server
+from tests.pg import PASSWORD_ROLE, PgServer, start_server
 
 RESULT = dict(labels_path="/x/labels/cellseg1d", object_count=3, planes=1, segmenter="classical",
               cellseg1d_version="t", pipeline_version="1", exports={})
@@ -382,3 +382,17 @@ def test_password_from_env_or_file_works_and_is_never_shown(
     assert daemon.stop() == 0
     for text_ in [daemon.log(), *outputs, bad.stdout + bad.stderr]:
         assert secret not in text_ and secret[::-1] not in text_
+
+
+def test_password_in_the_url_is_hidden_in_outage_logs_and_errors(pg_server: PgServer, caplog) -> None:
+    secret = "in-url-" + pg_server.password
+    url = f"postgresql+psycopg://{PASSWORD_ROLE}:{secret}@127.0.0.1:1/db"  # nothing listens on port 1
+    catalog = Catalog(url)
+    stop = threading.Event()
+    threading.Timer(0.8, stop.set).start()
+    with caplog.at_level("WARNING"), pytest.raises(Exception):
+        catalog.wait_until_reachable(until=stop)
+    assert "unreachable" in caplog.text and "***" in caplog.text and secret not in caplog.text
+    with pytest.raises(CatalogError) as err:
+        catalog.migrate()
+    assert secret not in str(err.value) and "***" in str(err.value)
