@@ -72,13 +72,16 @@ class DaemonProcess:
 
     def start(self) -> DaemonProcess:
         self.state_dir.parent.mkdir(parents=True, exist_ok=True)
+        # The log is shared by restarts: wait for this process's own "watching" line.
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cellseg1d", "run", "--state-dir", str(self.state_dir), *self.args],
             stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
         )
         log.close()
-        wait_for(lambda: "watching" in self.log() or self.proc.poll() is not None, 60, what="daemon start")
+        wait_for(lambda: b"watching" in self.log_path.read_bytes()[offset:] or self.proc.poll() is not None, 60,
+                 what="daemon start")
         if self.proc.poll() is not None:
             raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
         return self

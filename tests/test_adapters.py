@@ -245,6 +245,18 @@ def test_cache_lru_eviction_and_load_counting(fresh, make_adapter, inputs) -> No
     assert cache.last_switch_s > 0
 
 
+def test_cache_full_refills_a_slot_of_the_same_rank_only(fresh, make_adapter, inputs) -> None:
+    """A full cache overwrites the least recently used slot in place; another rank gets new layers."""
+    r4a, r4b, r8 = make_adapter("r4a", seed=1), make_adapter("r4b", seed=2), make_adapter("r8", seed=3, rank=8)
+    cache = AdapterCache(fresh(), capacity=1)
+    slot = cache.activate(r4a)
+    assert cache.activate(r4b) == slot  # same rank: the slot is reused
+    assert_same(outputs(cache.model, inputs), outputs(load_adapter(fresh(), r4b), inputs))
+    assert cache.activate(r8) != slot  # rank 8 does not fit a rank-4 slot
+    assert_same(outputs(cache.model, inputs), outputs(load_adapter(fresh(), r8), inputs))
+    assert list(cache.model.peft_config) == [cache.active] and cache.loads == 3 and cache.evictions == 2
+
+
 def test_cache_reloads_changed_adapter_and_keeps_named_ones(fresh, make_adapter, inputs) -> None:
     directory = make_adapter("exp_a", seed=1)
     training = apply_lora(fresh(), adapter_name="current")

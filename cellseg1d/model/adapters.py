@@ -256,23 +256,10 @@ def load_adapter(model: PeftModel | Sam, directory: str | os.PathLike[str], adap
     metadata = read_metadata(directory)
     name = adapter_name or metadata.name
     _check_name(name)
-    sam = unwrap(model)
-    model_type = infer_model_type(sam)
-    if model_type is not None and model_type != metadata.base_model_type:
-        raise AdapterError(f"adapter {directory} was trained on a {metadata.base_model_type} SAM but the loaded "
-                           f"base model is a {model_type}")
-    if expect_base_sha256 is not None and expect_base_sha256 != metadata.base_checkpoint_sha256:
-        raise AdapterError(f"adapter {directory} was trained on base checkpoint sha256 "
-                           f"{metadata.base_checkpoint_sha256}, but the loaded base checkpoint is "
-                           f"{expect_base_sha256}")
     if isinstance(model, PeftModel) and name in model.peft_config:
         raise AdapterError(f"the model already holds an adapter named {name!r}; choose another name or delete it")
-    image_size = int(sam.image_encoder.img_size)
-    if metadata.image_size != image_size:
-        log.warning("adapter %s was trained at input size %d, the model runs at %d", directory,
-                    metadata.image_size, image_size)
-    split_qkv(sam)
-    tensors = _read_weights(directory, metadata, sam)
+    sam = unwrap(model)
+    tensors = _checked_weights(sam, directory, metadata, expect_base_sha256)
 
     training = sam.training
     config = lora_config(metadata.rank, metadata.dropout)
@@ -290,6 +277,25 @@ def load_adapter(model: PeftModel | Sam, directory: str | os.PathLike[str], adap
     if activate:
         model.set_adapter(name, inference_mode=not trainable)
     return model
+
+
+def _checked_weights(sam: Sam, directory: Path, metadata: AdapterMetadata,
+                     expect_base_sha256: str | None) -> dict[str, torch.Tensor]:
+    """The adapter's weights after checking its base model, checkpoint and file hash against ``sam``."""
+    model_type = infer_model_type(sam)
+    if model_type is not None and model_type != metadata.base_model_type:
+        raise AdapterError(f"adapter {directory} was trained on a {metadata.base_model_type} SAM but the loaded "
+                           f"base model is a {model_type}")
+    if expect_base_sha256 is not None and expect_base_sha256 != metadata.base_checkpoint_sha256:
+        raise AdapterError(f"adapter {directory} was trained on base checkpoint sha256 "
+                           f"{metadata.base_checkpoint_sha256}, but the loaded base checkpoint is "
+                           f"{expect_base_sha256}")
+    image_size = int(sam.image_encoder.img_size)
+    if metadata.image_size != image_size:
+        log.warning("adapter %s was trained at input size %d, the model runs at %d", directory,
+                    metadata.image_size, image_size)
+    split_qkv(sam)
+    return _read_weights(directory, metadata, sam)
 
 
 class AdapterCache:
@@ -361,6 +367,8 @@ class AdapterCache:
             self._entries.move_to_end(key)
             self.hits += 1
             return entry[0]
+        if entry is None and len(self._entries) >= self.capacity and self._refill(key, metadata):
+            return self._entries[key][0]
         self._counter += 1
         name = f"cached{self._counter}"
         while isinstance(self._model, PeftModel) and name in self._model.peft_config:
@@ -379,6 +387,27 @@ class AdapterCache:
             self._delete(old_name)
             self.evictions += 1
         return name
+
+    def _refill(self, key: Path, metadata: AdapterMetadata) -> bool:
+        """Load the adapter at ``key`` into the least recently used slot, if its rank fits; evicts that one.
+
+        Overwriting a slot's weights costs a file read; adding an adapter to the
+        model (new peft layers in every targeted module) costs several times
+        more. Only same-rank adapters fit (same tensor shapes, same scale).
+        """
+        model = self._model
+        old_key, (slot, _) = next(iter(self._entries.items()))
+        if not isinstance(model, PeftModel) or model.peft_config[slot].r != metadata.rank:
+            return False
+        tensors = _checked_weights(unwrap(model), key, metadata, self.expect_base_sha256)
+        result = set_peft_model_state_dict(model, tensors, adapter_name=slot)
+        if result.unexpected_keys:  # pragma: no cover - keys were checked
+            raise AdapterError(f"adapter {key}: unexpected keys {result.unexpected_keys[:3]}")
+        del self._entries[old_key]
+        self._entries[key] = (slot, metadata.weights_sha256)
+        self.loads += 1
+        self.evictions += 1
+        return True
 
     def _delete(self, name: str) -> None:
         """Remove adapter ``name`` from the model (never the one just loaded, so another remains)."""
