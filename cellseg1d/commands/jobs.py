@@ -73,6 +73,19 @@ def _table(title: str, views: list[JobView], columns: tuple[str, ...]) -> Table:
     return table
 
 
+def _print_listing(console: Console, views: list[JobView], as_json: bool, what: str, columns: tuple[str, ...],
+                   hint: str) -> int:
+    """Print the listed jobs (JSON or a table with a hint on what to do next); exit code 0."""
+    if as_json:
+        print(json.dumps([asdict(v) for v in views], indent=2))
+    elif not views:
+        console.print(f"no job is {what}")
+    else:
+        console.print(_table(f"{len(views)} job(s) {what}", views, columns))
+        console.print(hint)
+    return 0
+
+
 def retry_command(args: argparse.Namespace, catalog: Catalog) -> int:
     """List jobs waiting for a retry, or (``--now``) make some or all of them due now."""
     console = Console()
@@ -90,16 +103,9 @@ def retry_command(args: argparse.Namespace, catalog: Catalog) -> int:
             views = waiting_for_retry(s)
     finally:
         catalog.close()
-    if args.json:
-        print(json.dumps([asdict(v) for v in views], indent=2))
-        return 0
-    if not views:
-        console.print("no job is waiting for a retry")
-        return 0
-    console.print(_table(f"{len(views)} job(s) waiting for a retry", views,
-                         ("job", "image", "attempts", "next attempt (UTC)", "plugin", "error")))
-    console.print("run them now: cellseg1d retry --now JOB_ID ... (or --all)")
-    return 0
+    return _print_listing(console, views, args.json, "waiting for a retry",
+                          ("job", "image", "attempts", "next attempt (UTC)", "plugin", "error"),
+                          "run them now: cellseg1d retry --now JOB_ID ... (or --all)")
 
 
 def quarantine_command(args: argparse.Namespace, catalog: Catalog) -> int:
@@ -120,16 +126,9 @@ def quarantine_command(args: argparse.Namespace, catalog: Catalog) -> int:
             views = quarantined_jobs(s)
     finally:
         catalog.close()
-    if args.json:
-        print(json.dumps([asdict(v) for v in views], indent=2))
-        return 0
-    if not views:
-        console.print("no job is quarantined")
-        return 0
-    console.print(_table(f"{len(views)} quarantined job(s)", views,
-                         ("job", "image", "plugin", "attempts", "since (UTC)", "error")))
-    console.print("after fixing the cause: cellseg1d quarantine --release JOB_ID ... [--reason TEXT] (or --all)")
-    return 0
+    return _print_listing(console, views, args.json, "quarantined",
+                          ("job", "image", "plugin", "attempts", "since (UTC)", "error"),
+                          "after fixing the cause: cellseg1d quarantine --release JOB_ID ... [--reason TEXT] (or --all)")
 
 
 def add_parsers(sub: Any, add_catalog_options: Any) -> None:
