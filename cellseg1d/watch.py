@@ -314,5 +314,11 @@ class Watcher:
         self.observer.start()
 
     def stop(self) -> None:
-        self.observer.stop()
+        """Stop the observer; its own bookkeeping errors never fail a shutdown."""
+        try:
+            self.observer.stop()
+        except Exception:  # noqa: BLE001
+            # watchdog's inotify backend can lose track of a watched folder that was swapped or
+            # renamed (label publishing) and raise KeyError while removing its watches.
+            log.debug("ignoring an error of the file watcher while stopping", exc_info=True)
         self.observer.join(timeout=10)

@@ -139,3 +139,32 @@ def test_symlinked_folder_outside_root_is_not_followed(tmp_path: Path, acquisiti
     os.symlink(outside / "secret.zarr", acquisition / "direct.zarr")
     tracker = ImageTracker([acquisition], [".zarr"], 0)
     assert tracker.rescan() == 0
+
+
+def test_watcher_survives_label_folders_being_replaced(acquisition: Path) -> None:
+    """Publishing renames label folders in and out under a recursive watch; the watcher keeps working."""
+    import shutil
+
+    labels = acquisition / "a.zarr" / "labels"
+    (labels / "cellseg1d" / "0").mkdir(parents=True)
+    tracker = ImageTracker([acquisition], [".zarr"], SETTLE)
+    watcher = Watcher(tracker)
+    watcher.start()
+    time.sleep(0.3)
+    for i in range(3):  # what StagedLabels.publish does when it replaces an earlier label image
+        staging = labels / f".cellseg1d.partial-{i}"
+        (staging / "0").mkdir(parents=True)
+        os.rename(labels / "cellseg1d", labels / f".cellseg1d.replaced-{i}")
+        os.rename(staging, labels / "cellseg1d")
+        shutil.rmtree(labels / f".cellseg1d.replaced-{i}")
+        time.sleep(0.2)
+    # the watcher still sees new images (a dead inotify reader would not)
+    data, _ = make_czyx((64, 64), 3, seed=1)
+    image = write_ome_zarr(acquisition / "b.zarr", data[0], axes="czyx", n_levels=1)
+    deadline = time.monotonic() + 15
+    seen: set[Path] = set()
+    while image not in seen and time.monotonic() < deadline:
+        seen |= ready_paths(tracker)
+        time.sleep(0.2)
+    watcher.stop()
+    assert image in seen

@@ -32,7 +32,6 @@ import numpy as np
 import zarr
 
 from cellseg1d.errors import ImageError
-from cellseg1d.fsops import exchange
 from cellseg1d.ngff.names import check_output_name
 from cellseg1d.ngff.reader import OmeImage, load_json, read_group_attributes
 
@@ -353,15 +352,10 @@ class StagedLabels:
             raise ImageError(f"{final} appeared while the job ran and was not written by cellseg1d; "
                              "refusing to overwrite it. Choose another segmentation.labels_name.")
         replaced = None
-        if final.exists() and exchange(self.staging, final):
-            # Swapped in one step (readers see the old or the new label image, never none);
-            # the previous one now sits at the staging path.
-            replaced = self.staging
-        else:
-            if final.exists():
-                replaced = final.with_name(f".{self.target.name}.replaced-{uuid.uuid4().hex[:12]}")
-                os.rename(final, replaced)
-            os.rename(self.staging, final)
+        if final.exists():
+            replaced = final.with_name(f".{self.target.name}.replaced-{uuid.uuid4().hex[:12]}")
+            os.rename(final, replaced)
+        os.rename(self.staging, final)
         try:
             with output_errors(final):
                 register_label_name(
@@ -369,12 +363,9 @@ class StagedLabels:
                 )
         except BaseException:
             # Not listed in the labels group (e.g. disk full): put everything back as it was.
-            if replaced == self.staging:
-                exchange(self.staging, final)
-            else:
-                os.rename(final, self.staging)
-                if replaced is not None:
-                    os.rename(replaced, final)
+            os.rename(final, self.staging)
+            if replaced is not None:
+                os.rename(replaced, final)
             raise
         if replaced is not None:
             shutil.rmtree(replaced, ignore_errors=True)
