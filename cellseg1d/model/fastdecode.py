@@ -65,7 +65,9 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def token_to_image(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``attn(q=q, k=k, v=v)`` for prompt tokens q (B, T, C) attending to per-prompt image rows k, v (B, N, C)."""
+    """``attn(q=q, k=k, v=v)`` for prompt tokens q (B, T, C) attending to image rows k, v (B or 1, N, C)."""
+    if k.shape[0] == 1:
+        return token_to_shared_image(attn, q, k, v)
     batch, n_tokens, channels = q.shape
     heads = attn.num_heads
     width = attn.internal_dim // heads
@@ -75,8 +77,7 @@ def token_to_image(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.T
     q_pulled = torch.einsum("bthd,hdc->bhtc", qh, wk.view(heads, width, channels)).reshape(batch, -1, channels)
     q_bias = torch.einsum("bthd,hd->bht", qh, bk.view(heads, width)).reshape(batch, 1, -1)
     # (B, N, H*T): image rows stay the leading operand, so no B x N x C tensor is transposed or copied
-    logits = torch.baddbmm(q_bias, k, q_pulled.transpose(1, 2)) if k.shape[0] == batch else \
-        torch.matmul(k, q_pulled.transpose(1, 2)) + q_bias
+    logits = torch.baddbmm(q_bias, k, q_pulled.transpose(1, 2))
     weights = torch.softmax(logits * (1.0 / math.sqrt(width)), dim=1)
     pooled = torch.matmul(weights.transpose(1, 2), v).view(batch, heads, n_tokens, channels)  # (B, H, T, C)
     out = torch.einsum("bhtc,hdc->bthd", pooled, wv.view(heads, width, channels)) + bv.view(heads, width)
@@ -165,10 +166,7 @@ def two_way_transformer(
 
         keys_pe = keys + key_pe
         q = queries + tokens
-        if keys.shape[0] == 1:
-            attn_out = token_to_shared_image(layer.cross_attn_token_to_image, q, keys_pe, keys)
-        else:
-            attn_out = token_to_image(layer.cross_attn_token_to_image, q, keys_pe, keys)
+        attn_out = token_to_image(layer.cross_attn_token_to_image, q, keys_pe, keys)
         queries = layer.norm2(queries + attn_out)
         queries = layer.norm3(queries + layer.mlp(queries))
 
@@ -179,10 +177,7 @@ def two_way_transformer(
         queries, tokens = queries[:, :first_tokens], tokens[:, :first_tokens]
     q = queries + tokens
     keys_pe = keys + key_pe
-    if keys.shape[0] == 1:
-        attn_out = token_to_shared_image(transformer.final_attn_token_to_image, q, keys_pe, keys)
-    else:
-        attn_out = token_to_image(transformer.final_attn_token_to_image, q, keys_pe, keys)
+    attn_out = token_to_image(transformer.final_attn_token_to_image, q, keys_pe, keys)
     queries = transformer.norm_final_attn(queries + attn_out)
     if keys.shape[0] != tokens.shape[0]:  # depth 0: the image was never updated per prompt
         keys = keys.expand(tokens.shape[0], -1, -1)
