@@ -19,8 +19,9 @@ from sqlalchemy import select, update
 
 from cellseg1d.catalog import Catalog, Image, Job, JobEvent, JobState, utcnow
 from cellseg1d.catalog.db import alembic_config
-from cellseg1d.jobs import ImageFacts, JobQueue
+from cellseg1d.jobs import JobQueue
 from tests.helpers import REPO, catalog_rows, done_images, jobs_for, wait_for
+from tests.test_jobs import facts
 
 RESULT = dict(labels_path="/x/labels/cellseg1d", object_count=3, planes=1, segmenter="classical",
               cellseg1d_version="t", pipeline_version="1", exports={})
@@ -41,10 +42,6 @@ def catalog(state: Path) -> Catalog:
     cat = Catalog(f"sqlite:///{state / 'catalog.sqlite'}")
     cat.migrate()
     return cat
-
-
-def facts(n: int) -> ImageFacts:
-    return ImageFacts(path=f"/acq/img{n}.zarr", root="/acq", container=f"/acq/img{n}.zarr", fingerprint=f"fp{n}")
 
 
 def failed_job(catalog: Catalog, n: int, *, permanent: bool, plugin: str | None = None) -> int:
