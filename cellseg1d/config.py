@@ -252,11 +252,51 @@ class PluginSettings(_Section):
     disable: list[str] = Field(default_factory=list)
 
 
+class MetricsSettings(_Section):
+    """The Prometheus ``/metrics`` and ``/healthz`` HTTP endpoint (off by default)."""
+
+    #: ``HOST:PORT`` to serve on, e.g. ``"127.0.0.1:9108"``; a bare ``PORT`` or ``":PORT"``
+    #: binds loopback only. Empty: no endpoint. ``0.0.0.0:9108`` exposes it to the network.
+    address: str | None = None
+    #: ``/healthz`` answers 503 when the scheduler loop has not ticked for this long.
+    stale_after_seconds: float = Field(30.0, gt=0)
+
+    @field_validator("address")
+    @classmethod
+    def _check_address(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parse_address(value)
+        return value.strip()
+
+    @property
+    def host_port(self) -> tuple[str, int] | None:
+        """``(host, port)`` to bind, or None when the endpoint is off."""
+        return None if self.address is None else parse_address(self.address)
+
+
+def parse_address(value: str) -> tuple[str, int]:
+    """``"HOST:PORT"``, ``"[::1]:PORT"``, ``":PORT"`` or ``"PORT"`` -> ``(host, port)``; loopback by default."""
+    text = value.strip()
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{value!r} is not HOST:PORT (e.g. '127.0.0.1:9108' or '9108')")
+    return host, int(port)
+
+
 class Config(_Section):
     """The whole daemon configuration."""
 
     state_dir: Path = DEFAULT_STATE_DIR
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: "text": human-readable lines; "json": one JSON object per line (for log shippers).
+    log_format: Literal["text", "json"] = "text"
+    #: On SIGTERM, images in progress get this long to finish; unfinished jobs are then
+    #: released for the next start (keep the unit's TimeoutStopSec above it).
+    shutdown_timeout_seconds: float = Field(120.0, ge=0)
     watch: WatchSettings = Field(default_factory=WatchSettings)
     readiness: ReadinessSettings = Field(default_factory=ReadinessSettings)
     segmentation: SegmentationSettings = Field(default_factory=SegmentationSettings)
@@ -266,6 +306,7 @@ class Config(_Section):
     catalog: CatalogSettings = Field(default_factory=CatalogSettings)
     jobs: JobSettings = Field(default_factory=JobSettings)
     plugins: PluginSettings = Field(default_factory=PluginSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     #: Settings for third-party plugins, one table per plugin name; passed as-is.
     plugin_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
