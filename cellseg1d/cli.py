@@ -1,5 +1,5 @@
 """The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``, ``retry``, ``quarantine``, ``train``,
-``segment``, ``evaluate``, ``models``, ``adapters``, ``reprocess``."""
+``segment``, ``evaluate``, ``models``, ``adapters``, ``reprocess``, ``doctor``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,8 @@ def _config_for(args: argparse.Namespace, need_state: bool = False) -> Config:
         overrides["catalog.url"] = args.catalog_url
     for opt, key in (("watch", None), ("settle_seconds", "readiness.settle_seconds"),
                      ("polling", "watch.polling"), ("log_level", "log_level"),
-                     ("channel", "segmentation.channels"), ("workers", "jobs.workers")):
+                     ("channel", "segmentation.channels"), ("workers", "jobs.workers"),
+                     ("metrics", "metrics.address"), ("log_format", "log_format")):
         value = getattr(args, opt, None)
         if value in (None, False, []):
             continue
@@ -68,8 +69,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from cellseg1d.daemon import Daemon, configure_logging
 
     config = _config_for(args)
-    configure_logging(config.log_level)
-    daemon = Daemon(config)
+    configure_logging(config.log_level, config.log_format)
+    daemon = Daemon(config, config_loader=lambda: _config_for(args))
     daemon.install_signal_handlers()
     return daemon.run()
 
@@ -163,6 +164,12 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return quarantine_command(args, _open_current_catalog(args))
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.doctor import doctor_command
+
+    return doctor_command(args, lambda: _config_for(args))
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from cellseg1d.commands.segment import segment_command
 
@@ -197,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--channel", action="append", help="channel name to segment (repeatable)")
     run.add_argument("--workers", type=int, help="parallel worker threads")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.add_argument("--log-format", choices=["text", "json"], help="log lines as text (default) or JSON")
+    run.add_argument("--metrics", metavar="HOST:PORT",
+                     help="serve /metrics (Prometheus) and /healthz here; a bare PORT binds loopback only")
     run.set_defaults(func=cmd_run)
 
     status = sub.add_parser("status", help="counts, queue and recent failures from the catalog")
@@ -271,6 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=cmd_models)
 
     from cellseg1d.commands import adapters as adapters_cmd
+    from cellseg1d.commands import doctor as doctor_cmd
     from cellseg1d.commands import jobs as jobs_cmd
     from cellseg1d.commands import reprocess as reprocess_cmd
 
@@ -281,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_cmd.add_parsers(sub, _add_catalog_options)
     sub.choices["retry"].set_defaults(func=cmd_retry)
     sub.choices["quarantine"].set_defaults(func=cmd_quarantine)
+    doctor_cmd.add_parser(sub, _add_catalog_options)
+    sub.choices["doctor"].set_defaults(func=cmd_doctor)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Running as a long-lived service: systemd notification, metrics and health, logging."""
