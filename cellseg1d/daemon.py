@@ -1,9 +1,16 @@
 """The long-running service: watcher -> readiness -> catalog jobs -> worker threads -> pipeline.
 
 One scheduler loop (the main thread) turns quiet images into catalog jobs;
-``jobs.workers`` worker threads claim jobs and run the pipeline. SIGTERM or
-SIGINT stops claiming work and lets the current images finish; a second
-signal aborts them (their jobs are released, nothing partial is published).
+``jobs.workers`` worker threads claim jobs and run the pipeline. Every
+container and image is looked at on its own: whatever one raises is recorded
+once as that item's bad input, never an error of the pass.
+
+Signals: SIGTERM or SIGINT stops claiming work and lets the current images
+finish for ``shutdown_timeout_seconds``; then (or at a second signal) they
+are aborted and their jobs released, nothing partial is published. SIGHUP
+re-reads the config file (``systemctl reload``). Under systemd (``Type=notify``)
+the daemon reports READY/STATUS/RELOADING/STOPPING and feeds the watchdog
+from the scheduler loop, so a hung scheduler is restarted.
 """
 
 from __future__ import annotations
@@ -18,9 +25,13 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from cellseg1d import __version__
 from cellseg1d.catalog import Adapter
@@ -28,16 +39,21 @@ from cellseg1d.catalog.db import open_catalog, redact
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
 from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue, held_jobs, release_held, run_key, run_key_prefix
+from cellseg1d.logs import RepeatLimiter, log_context
+from cellseg1d.logs import configure_logging as configure_logging
 from cellseg1d.ngff.discover import container_of
 from cellseg1d.ngff.reader import open_image
 from cellseg1d.pipeline import Pipeline
 from cellseg1d.plugins import build_plugin_manager, plugin_at_fault, plugin_names
 from cellseg1d.registry import adapter_ref, ensure_experiment, route_for
+from cellseg1d.service.sdnotify import Notifier
 from cellseg1d.types import AdapterRef, ReadinessQuery
 from cellseg1d.watch import Candidate, ImageTracker, Watcher
 
 log = logging.getLogger("cellseg1d.daemon")
 TICK_SECONDS = 0.2
+#: How often the STATUS= line sent to systemd is refreshed.
+STATUS_SECONDS = 5.0
 
 
 class StateDirLock:
@@ -117,9 +133,19 @@ class Heartbeat(threading.Thread):
 class Daemon:
     """The cellseg1d service for one config."""
 
-    def __init__(self, config: Config, extra_plugins: tuple[Any, ...] = ()) -> None:
+    def __init__(self, config: Config, extra_plugins: tuple[Any, ...] = (),
+                 config_loader: Callable[[], Config] | None = None) -> None:
         config.check_runnable()
         self.config = config
+        #: Reads the config again for SIGHUP (None: reloading is refused with a message).
+        self.config_loader = config_loader
+        self.reload_event = threading.Event()
+        self.limiter = RepeatLimiter(log)
+        self.notifier = Notifier.from_env()
+        #: When the scheduler loop last ran (monotonic), for the watchdog and /healthz.
+        self.last_tick = time.monotonic()
+        self._last_ping = 0.0
+        self._stop_requested_at: float | None = None
         self.stop_event = threading.Event()  # stop claiming work
         self.abort_event = threading.Event()  # abandon work in progress
         self.work_event = threading.Event()
@@ -156,14 +182,22 @@ class Daemon:
         #: Whether the built-in SAM segmenter runs (adapters, experiments' routes apply).
         self.sam_enabled = config.sam.checkpoint is not None and self.pm.has_plugin("sam")
         self.roots = config.watch.roots
-        self.tracker = ImageTracker(
-            [r.path.resolve() for r in self.roots], config.watch.container_suffixes,
-            config.readiness.settle_seconds,
-        )
+        #: Roots removed by a reload: their queued and running jobs still finish.
+        self._retired_roots: list[WatchRoot] = []
+        self.tracker = self._new_tracker(config)
         self.watcher: Watcher | None = None
         self._waiting_logged: set[Path] = set()
         #: Jobs this process's workers hold (their leases may lapse during a catalog outage).
         self._active: set[int] = set()
+        self.telemetry: Any = None  # cellseg1d.service.telemetry.Telemetry with [metrics] address
+        self.metrics_server: Any = None
+        self._adapter_changes_seen = 0
+
+    def _new_tracker(self, config: Config) -> ImageTracker:
+        return ImageTracker(
+            [r.path.resolve() for r in config.watch.roots], config.watch.container_suffixes,
+            config.readiness.settle_seconds, limiter=self.limiter,
+        )
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -173,17 +207,48 @@ class Daemon:
                 log.warning("second %s: aborting images in progress", signal.Signals(signum).name)
                 self.abort_event.set()
             else:
-                log.info("%s received: finishing current images, then stopping "
-                         "(send it again to abort them)", signal.Signals(signum).name)
+                log.info("%s received: finishing current images (up to shutdown_timeout_seconds = %.0f s), "
+                         "then stopping (send it again to abort them)", signal.Signals(signum).name,
+                         self.config.shutdown_timeout_seconds)
+                self._stop_requested_at = time.monotonic()
                 self.stop_event.set()
             self.work_event.set()
 
+        def reload(_signum: int, _frame: FrameType | None) -> None:
+            self.reload_event.set()  # the scheduler loop reloads: never in a signal handler
+
         signal.signal(signal.SIGTERM, handle)
         signal.signal(signal.SIGINT, handle)
+        signal.signal(signal.SIGHUP, reload)
 
     def _start_watcher(self, polling: bool) -> None:
         self.watcher = Watcher(self.tracker, polling, self.config.watch.poll_interval_seconds)
-        self.watcher.start()
+        try:
+            self.watcher.start()
+        except OSError as err:
+            if polling:
+                raise
+            log.error("cannot watch with inotify (%s); falling back to polling every %.0f s. "
+                      "Raise fs.inotify.max_user_watches or set watch.polling = true.",
+                      err, self.config.watch.poll_interval_seconds)
+            self.watcher = Watcher(self.tracker, True, self.config.watch.poll_interval_seconds)
+            self.watcher.start()
+
+    def _start_metrics(self) -> None:
+        address = self.config.metrics.host_port
+        if address is None:
+            return
+        from cellseg1d.service.telemetry import MetricsServer, Telemetry
+
+        self.telemetry = Telemetry(self.catalog, health=self.health)
+        self.metrics_server = MetricsServer(self.telemetry, *address)
+        try:
+            self.metrics_server.start()
+        except OSError as err:
+            self.metrics_server = None
+            raise ConfigError(f"setting metrics.address: cannot listen on {self.config.metrics.address}: "
+                              f"{err.strerror or err}; choose another port or stop what uses it") from None
+        log.info("metrics on %s/metrics, health on %s/healthz", self.metrics_server.url, self.metrics_server.url)
 
     def run(self) -> int:
         """Run until stopped; returns the process exit code."""
@@ -199,46 +264,215 @@ class Daemon:
 
         reconcile_daemon(self)  # leftovers of crashed attempts, lost or unrecorded label images
         self._reroute_held()
+        workers: list[threading.Thread] = []
         try:
+            self._start_metrics()
             self._start_watcher(cfg.watch.polling)
-        except OSError as err:
-            log.error("cannot watch with inotify (%s); falling back to polling every %.0f s. "
-                      "Raise fs.inotify.max_user_watches or set watch.polling = true.",
-                      err, cfg.watch.poll_interval_seconds)
-            self._start_watcher(True)
-        found = self.tracker.rescan()
-        log.info("watching %d folder(s) (%s); %d container(s) already there; settle time %.1f s",
-                 len(self.roots), "polling" if cfg.watch.polling else "events", found,
-                 cfg.readiness.settle_seconds)
-        workers = [
-            threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)
-            for i in range(cfg.jobs.workers)
-        ]
-        for w in workers:
-            w.start()
-        next_rescan = time.monotonic() + cfg.watch.rescan_seconds
-        try:
-            while not self.stop_event.is_set():
-                self._schedule_once()
-                if time.monotonic() >= next_rescan:
-                    self.tracker.rescan()
-                    self._reclaim_expired()
-                    self._reroute_held()
-                    next_rescan = time.monotonic() + cfg.watch.rescan_seconds
-                self._check_watcher()
-                self.stop_event.wait(TICK_SECONDS)
-        finally:
-            log.info("stopping: no new work is claimed")
-            if self.watcher is not None:
-                self.watcher.stop()
-            self.work_event.set()
+            found = self.tracker.rescan()
+            log.info("watching %d folder(s) (%s); %d container(s) already there; settle time %.1f s",
+                     len(self.roots), "polling" if cfg.watch.polling else "events", found,
+                     cfg.readiness.settle_seconds)
+            workers = [
+                threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)
+                for i in range(cfg.jobs.workers)
+            ]
             for w in workers:
-                while w.is_alive():
-                    w.join(timeout=0.5)
-            self.catalog.close()
-            self.lock.release()
-            log.info("stopped")
+                w.start()
+            self.notifier.ready(self._status_line())
+            self._loop()
+        finally:
+            self._shutdown(workers)
         return 0
+
+    def _loop(self) -> None:
+        """The scheduler loop: runs until a stop signal."""
+        next_rescan = time.monotonic() + self.config.watch.rescan_seconds
+        next_status = time.monotonic() + STATUS_SECONDS
+        while not self.stop_event.is_set():
+            self._tick()
+            if self.reload_event.is_set():
+                self.reload_event.clear()
+                self.reload()
+            self._schedule_once()
+            now = time.monotonic()
+            if now >= next_rescan:
+                self.tracker.rescan()
+                self._reclaim_expired()
+                self._reroute_held()
+                next_rescan = time.monotonic() + self.config.watch.rescan_seconds
+            if now >= next_status:
+                self.notifier.status(self._status_line())
+                self._count_adapter_switches()
+                next_status = now + STATUS_SECONDS
+            self._check_watcher()
+            self.stop_event.wait(TICK_SECONDS)
+
+    def _shutdown(self, workers: list[threading.Thread]) -> None:
+        """Stop watching, let the workers finish until the shutdown deadline, then abort what is left."""
+        log.info("stopping: no new work is claimed")
+        self.notifier.stopping(f"stopping: finishing {len(self._active)} image(s)")
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.work_event.set()
+        started = self._stop_requested_at or time.monotonic()
+        deadline = started + self.config.shutdown_timeout_seconds
+        for w in workers:
+            while w.is_alive():
+                if not self.abort_event.is_set() and time.monotonic() >= deadline:
+                    log.warning("shutdown_timeout_seconds (%.0f s) passed: aborting %d image(s) in progress; "
+                                "their jobs are released for the next start",
+                                self.config.shutdown_timeout_seconds, len(self._active))
+                    self.abort_event.set()
+                self._tick()  # still alive while draining (systemd's stop timeout bounds it)
+                w.join(timeout=0.5)
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+        self.catalog.close()
+        self.lock.release()
+        self.notifier.close()
+        log.info("stopped")
+
+    # -- service: watchdog, status, health, reload ------------------------------
+
+    def _tick(self) -> None:
+        """The scheduler is alive: note it, and feed systemd's watchdog at half its interval."""
+        now = time.monotonic()
+        self.last_tick = now
+        interval = self.notifier.watchdog_interval()
+        if interval is not None and now - self._last_ping >= interval:
+            self._last_ping = now
+            self.notifier.watchdog()
+
+    def _status_line(self) -> str:
+        """``watching 2 roots, 3 queued, 1 running`` (for systemctl status)."""
+        line = f"watching {len(self.roots)} root(s), "
+        try:
+            from cellseg1d.catalog import Job, JobState
+            from sqlalchemy import func, select
+
+            with self.catalog.session() as s:
+                queued = s.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED))
+            line += f"{queued} queued, "
+        except Exception as err:  # noqa: BLE001 - a status line never stops the scheduler
+            if not self.catalog.is_transient(err):
+                self.limiter.log(logging.WARNING, ("status", type(err)), "cannot count queued jobs: %s", err)
+            line += "catalog unreachable, "
+        return line + f"{len(self._active)} running"
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """For ``/healthz``: the scheduler ticked recently and the catalog answers."""
+        from cellseg1d.service.telemetry import catalog_health
+
+        since = time.monotonic() - self.last_tick
+        info: dict[str, Any] = {"scheduler_last_tick_seconds": round(since, 3), "running": len(self._active)}
+        if since > self.config.metrics.stale_after_seconds:
+            return False, {**info, "reason": f"scheduler loop has not run for {since:.0f} s"}
+        ok, why = catalog_health(self.catalog)
+        if not ok:
+            return False, {**info, "reason": why}
+        return True, info
+
+    #: Settings read only at start; a reload that changes them says so and keeps the running values.
+    RESTART_ONLY = ("state_dir", "catalog", "sam", "adapters", "plugins", "metrics", "log_format", "jobs.workers")
+
+    def reload(self) -> bool:
+        """Re-read the config (SIGHUP, ``systemctl reload``) without dropping or repeating work.
+
+        Roots (added or removed), experiment rules, readiness, segmentation,
+        job retry and plugin settings take effect at once; settings in
+        :attr:`RESTART_ONLY` at the next start. A config with an error is
+        refused with a logged message and the running one is kept.
+        """
+        self.notifier.reloading()
+        old = self.config
+        try:
+            if self.config_loader is None:
+                raise ConfigError("this daemon has no config file to re-read")
+            new = self.config_loader()
+            new.check_runnable()
+            new, needs_restart = self._keep_restart_only(old, new)
+            self._configure_plugins(new, old)
+        except CellsegError as err:
+            log.error("configuration reload refused; the running configuration is kept: %s", err)
+            self.notifier.ready(self._status_line())
+            return False
+        self.config = new
+        self.pipeline = Pipeline(new, self.pm)
+        self.queue.lease = timedelta(seconds=new.jobs.lease_seconds)
+        self.queue.max_attempts = new.jobs.max_attempts
+        self.queue.backoff = new.jobs.retry_backoff_seconds
+        logging.getLogger().setLevel(getattr(logging, new.log_level))
+        added, removed = self._apply_roots(old, new)
+        log.info("configuration reloaded: %d watched folder(s)%s%s", len(self.roots),
+                 f", added {[str(p) for p in added]}" if added else "",
+                 f", removed {[str(p) for p in removed]} (their queued jobs still run)" if removed else "")
+        for key in needs_restart:
+            log.warning("setting %s changed; it takes effect when the daemon is restarted", key)
+        self.work_event.set()
+        self.notifier.ready(self._status_line())
+        return True
+
+    def _keep_restart_only(self, old: Config, new: Config) -> tuple[Config, list[str]]:
+        changed: list[str] = []
+        update: dict[str, Any] = {}
+        for key in self.RESTART_ONLY:
+            section, _, field = key.partition(".")
+            before, after = getattr(old, section), getattr(new, section)
+            if field:
+                if getattr(before, field) != getattr(after, field):
+                    changed.append(key)
+                    update[section] = after.model_copy(update={field: getattr(before, field)})
+            elif before != after:
+                changed.append(key)
+                update[section] = before
+        return (new.model_copy(update=update) if update else new), changed
+
+    def _configure_plugins(self, new: Config, old: Config) -> None:
+        """Hand the new config to every plugin; if one refuses, hand the old one back and refuse."""
+        try:
+            self.pm.hook.configure(config=new)
+        except Exception as err:
+            plugin = plugin_at_fault(self.pm, "configure", err) or "unknown"
+            try:
+                self.pm.hook.configure(config=old)
+            except Exception:  # noqa: BLE001 - it accepted this config before
+                log.exception("plugin '%s' also refused the running configuration", plugin)
+            raise ConfigError(f"plugin '{plugin}' refused the new configuration: {type(err).__name__}: {err}") \
+                from None
+
+    def _apply_roots(self, old: Config, new: Config) -> tuple[list[Path], list[Path]]:
+        """Watch the new config's roots; returns the paths added and removed."""
+        old_paths = [r.path for r in old.watch.roots]
+        new_paths = [r.path for r in new.watch.roots]
+        added = [p for p in new_paths if p not in old_paths]
+        removed = [p for p in old_paths if p not in new_paths]
+        self._retired_roots = [r for r in self._retired_roots + [r for r in old.watch.roots if r.path in removed]
+                               if r.path not in new_paths]
+        rewatch = old_paths != new_paths or old.watch.container_suffixes != new.watch.container_suffixes \
+            or old.watch.polling != new.watch.polling \
+            or old.watch.poll_interval_seconds != new.watch.poll_interval_seconds
+        self.roots = new.watch.roots
+        if not rewatch:
+            self.tracker.settle = new.readiness.settle_seconds
+            return added, removed
+        if self.watcher is not None:
+            self.watcher.stop()
+        # A fresh tracker: images already queued are recognised by their catalog rows, bad ones by
+        # their recorded error, so nothing is queued or reported twice.
+        self.tracker = self._new_tracker(new)
+        self._start_watcher(new.watch.polling)
+        self.tracker.rescan()
+        return added, removed
+
+    def _count_adapter_switches(self) -> None:
+        if self.telemetry is None or not self.sam_enabled:
+            return
+        from cellseg1d.builtin.sam import HOLDER
+
+        total = HOLDER.adapter_changes()
+        if total > self._adapter_changes_seen:
+            self.telemetry.adapter_switched(total - self._adapter_changes_seen)
+        self._adapter_changes_seen = total
 
     def _reclaim_expired(self) -> None:
         """Requeue jobs of daemons that died, never this daemon's own jobs in progress.
@@ -265,19 +499,48 @@ class Daemon:
     # -- scheduling -----------------------------------------------------------
 
     def _schedule_once(self) -> None:
+        """One scheduling pass: report problems, hand quiet images on. Each item is isolated."""
         try:
             ready, problems = self.tracker.poll()
-            # Catalog unreachable: wait for it here (the watcher keeps collecting events meanwhile).
-            for container, root_index, error in problems:
-                self.catalog.retry(self._reject, container, container, root_index, error, None,
-                                   until=self.stop_event)
-            for cand in ready:
-                self.catalog.retry(self._consider, cand, until=self.stop_event)
-        except CellsegError as err:
-            log.error("%s", err)
-        except Exception as err:  # never let one bad folder stop the scheduler
-            if not self.catalog.is_transient(err):  # (transient: stopping during a catalog outage)
-                log.exception("unexpected error while checking images; continuing")
+        except Exception as err:  # the tracker isolates containers itself: this is a last resort
+            self.limiter.log(logging.ERROR, ("poll", type(err), str(err)), "unexpected error while looking for "
+                             "images: %s: %s; continuing", type(err).__name__, err, exc_info=True)
+            return
+        for problem in problems:
+            self._isolated(problem.path, self._reject, problem.path, problem.container, problem.root_index,
+                           problem.error, None)
+        for cand in ready:
+            if self._isolated(cand.image, self._consider_isolated, cand) is False:
+                self.tracker.settled(cand)  # not even recorded: look again when it changes (or at restart)
+
+    def _isolated(self, path: Path, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a catalog retry; an error about ``path`` is logged (bounded), never raised.
+
+        Returns False when ``fn`` failed. A catalog outage is waited out here
+        (the watchdog is still fed meanwhile); the watcher keeps collecting events.
+        """
+        try:
+            return self.catalog.retry(fn, *args, until=self.stop_event, on_wait=self._tick)
+        except Exception as err:
+            if self.catalog.is_transient(err):
+                return None  # stopping during a catalog outage
+            self.limiter.log(logging.ERROR, ("item", path, type(err), str(err)),
+                             "cannot record %s: %s: %s; the other images go on", path, type(err).__name__, err,
+                             exc_info=not isinstance(err, CellsegError), extra={"image": str(path)})
+            return False
+
+    def _consider_isolated(self, cand: Candidate) -> None:
+        """:meth:`_consider`, turning anything unexpected about this image into its bad-input record."""
+        try:
+            self._consider(cand)
+        except SQLAlchemyError:
+            raise  # the catalog's own trouble: retried or logged by the caller
+        except Exception as err:
+            log.debug("checking %s failed", cand.image, exc_info=True)
+            self._reject(cand.image, cand.container, cand.root_index,
+                         f"{cand.image}: unexpected error while checking this image: {type(err).__name__}: {err}",
+                         None)
+            self.tracker.settled(cand)
 
     def _facts(self, path: Path, container: Path, root_index: int, image: Any = None,
                experiment: str | None = None) -> ImageFacts:
@@ -291,9 +554,10 @@ class Daemon:
 
     def _reject(self, path: Path, container: Path, root_index: int, error: str, plugin: str | None,
                 image: Any = None) -> None:
+        """Record ``path`` as a bad input with ``error`` (once: the same error again is not recorded)."""
         key = "rejected:" + hashlib.sha256(error.encode()).hexdigest()[:16]
         if self.queue.record_rejected(self._facts(path, container, root_index, image), key, error, plugin):
-            log.error("cannot process %s: %s", path, error)
+            log.error("cannot process %s: %s", path, error, extra={"image": str(path)})
             self._notify("image_failed", image_path=str(path), error=error, plugin=plugin, will_retry=False)
 
     def _consider(self, cand: Candidate) -> None:
@@ -366,10 +630,10 @@ class Daemon:
         if route.held:
             log.warning("holding %s (job %d): experiment %r has no adapter; assign one with "
                         "'cellseg1d adapters assign %s NAME' and the job runs", cand.image, job_id,
-                        experiment, experiment)
+                        experiment, experiment, extra={"image": str(cand.image), "job": job_id})
         else:
             log.info("queued %s (job %d, experiment %s%s)", cand.image, job_id, experiment,
-                     f", {route.tag}" if route.tag else "")
+                     f", {route.tag}" if route.tag else "", extra={"image": str(cand.image), "job": job_id})
             self.work_event.set()
 
     def _reroute_held(self) -> None:
@@ -397,13 +661,13 @@ class Daemon:
 
     def _log_waiting(self, cand: Candidate, why: str) -> None:
         if cand.image not in self._waiting_logged:
-            log.info("%s is quiet but %s; waiting", cand.image, why)
+            log.info("%s is quiet but %s; waiting", cand.image, why, extra={"image": str(cand.image)})
             self._waiting_logged.add(cand.image)
 
     # -- working --------------------------------------------------------------
 
     def _root_for(self, root: str) -> WatchRoot | None:
-        return next((r for r in self.roots if str(r.path) == root), None)
+        return next((r for r in (*self.roots, *self._retired_roots) if str(r.path) == root), None)
 
     def _worker_loop(self) -> None:
         last_adapter: int | None = None
@@ -421,29 +685,34 @@ class Daemon:
                 continue
             last_adapter = job.adapter_id if job.adapter_id is not None else last_adapter
             self._active.add(job.job_id)
+            started = time.perf_counter()
             try:
-                self._process(job)
+                with log_context(image=job.image_path, job=job.job_id):
+                    outcome = self._process(job)
             except Exception:
+                outcome = "failed"
                 log.exception("unexpected error while recording job %d; continuing", job.job_id)
             finally:
                 self._active.discard(job.job_id)
+            if self.telemetry is not None:
+                self.telemetry.job_finished(time.perf_counter() - started, outcome)
 
-    def _process(self, job: ClaimedJob) -> None:
+    def _process(self, job: ClaimedJob) -> str:
+        """Run one claimed job and record its outcome: "done", "failed", "quarantined" or "released"."""
         path = Path(job.image_path)
         root = self._root_for(job.root)
         if root is None:
             self.catalog.retry(self.queue.fail, job, f"{path}: its watched folder {job.root} is no longer "
                                "configured", permanent=True, until=self.abort_event)
-            return
+            return "quarantined"
         container = container_of(path, root.path, self.config.watch.container_suffixes) or path
         adapter: AdapterRef | None = None
         if job.adapter_id is not None:
             adapter = self.catalog.retry(self._adapter, job.adapter_id, until=self.abort_event)
             if adapter is None:
-                self._failed(job, f"{path}: the adapter this job was queued with (id {job.adapter_id}) was removed "
-                             "from the registry; assign another one and run 'cellseg1d reprocess'",
-                             permanent=True, plugin=None)
-                return
+                return self._failed(job, f"{path}: the adapter this job was queued with (id {job.adapter_id}) was "
+                                    "removed from the registry; assign another one and run 'cellseg1d reprocess'",
+                                    permanent=True, plugin=None)
         heartbeat = Heartbeat(self.queue, job, max(1.0, self.config.jobs.lease_seconds / 3))
         heartbeat.start()
         started = time.perf_counter()
@@ -457,17 +726,14 @@ class Daemon:
         except JobAborted as err:
             self.catalog.retry(self.queue.release, job, until=self.abort_event)
             log.warning("released job %d unfinished: %s", job.job_id, err)
-            return
+            return "released"
         except ImageError as err:
-            self._failed(job, str(err), permanent=True, plugin=None)
-            return
+            return self._failed(job, str(err), permanent=True, plugin=None)
         except PluginError as err:
-            self._failed(job, str(err), permanent=not err.transient, plugin=err.plugin)
-            return
+            return self._failed(job, str(err), permanent=not err.transient, plugin=err.plugin)
         except Exception as err:
             log.debug("job %d traceback:\n%s", job.job_id, traceback.format_exc())
-            self._failed(job, f"{type(err).__name__}: {err}", permanent=False, plugin=None)
-            return
+            return self._failed(job, f"{type(err).__name__}: {err}", permanent=False, plugin=None)
         finally:
             heartbeat.stop()
         seconds = time.perf_counter() - started
@@ -476,12 +742,13 @@ class Daemon:
         if not self.catalog.retry(self.queue.complete, job, result.catalog_fields(), seconds,
                                   until=self.abort_event):
             log.warning("job %d finished but its lease had passed to another worker", job.job_id)
-            return
+            return "released"
         log.info("done %s: %d objects by %s in %.2f s -> %s", path, result.object_count,
                  result.segmenter, seconds, result.labels_path)
         self._notify("image_done", image_path=str(path), result={
             **result.catalog_fields(), "seconds": seconds,
         })
+        return "done"
 
     def _adapter(self, adapter_id: int) -> AdapterRef | None:
         """The registered adapter version ``adapter_id`` (None if it was removed)."""
@@ -489,12 +756,14 @@ class Daemon:
             row = s.get(Adapter, adapter_id)
             return adapter_ref(row) if row is not None and row.removed_at is None else None
 
-    def _failed(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None) -> None:
+    def _failed(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None) -> str:
+        """Record a failed attempt; returns the job's new state ("failed": a retry waits, or "quarantined")."""
         state = self.catalog.retry(self.queue.fail, job, error, permanent=permanent, plugin=plugin,
                                    until=self.abort_event)
         retry = state == "failed"  # a failed attempt waiting for its retry (quarantined: no retry)
-        log.error("failed %s%s: %s", job.image_path, " (will retry)" if retry else "", error)
+        log.error("failed %s (job %d)%s: %s", job.image_path, job.job_id, " (will retry)" if retry else "", error)
         self._notify("image_failed", image_path=job.image_path, error=error, plugin=plugin, will_retry=retry)
+        return "failed" if retry else "quarantined"
 
     def _notify(self, hook: str, **kwargs: Any) -> None:
         try:
@@ -503,12 +772,3 @@ class Daemon:
             plugin = plugin_at_fault(self.pm, hook, err) or "unknown"
             log.error("plugin '%s' failed in notification hook '%s': %s", plugin, hook, err)
 
-
-def configure_logging(level: str) -> None:
-    """Plain, timestamped log lines on stderr (journald keeps them under systemd)."""
-    logging.basicConfig(
-        level=getattr(logging, level),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("watchdog", "alembic", "numcodecs", "zarr", "asyncio"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, getattr(logging, level)))

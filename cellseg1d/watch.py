@@ -34,6 +34,7 @@ from watchdog.observers import Observer
 from watchdog.observers.polling import PollingObserver
 
 from cellseg1d.errors import ImageError
+from cellseg1d.logs import RepeatLimiter
 from cellseg1d.ngff.discover import (
     MAX_IMAGE_DEPTH,
     OUTPUT_DIR_NAMES,
@@ -48,6 +49,15 @@ log = logging.getLogger(__name__)
 # watchdog warns when a watched folder is renamed onto a re-used inotify watch
 # (our label staging rename does that); the watch is replaced, nothing is lost.
 warnings.filterwarnings("ignore", message="Callback with id", category=RuntimeWarning)
+
+
+def _encodable(path: Path) -> bool:
+    """Whether ``path`` is valid text (a name of undecodable bytes cannot go into the catalog)."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -101,13 +111,24 @@ class Candidate:
     settled: TreeSignature | None = None
 
 
+@dataclass(frozen=True)
+class Problem:
+    """Something in a container that cannot be processed: recorded once as a bad input."""
+
+    path: Path
+    container: Path
+    root_index: int
+    error: str
+
+
 @dataclass
 class ContainerState:
     root_index: int
     last_event: float
     next_discovery: float = 0.0
     images: set[Path] = field(default_factory=set)
-    problem_reported: bool = False
+    #: (path, error) pairs already handed on as problems: each is reported again only if it changes.
+    reported: set[tuple[Path, str]] = field(default_factory=set)
 
 
 class ImageTracker:
@@ -119,11 +140,13 @@ class ImageTracker:
         suffixes: Sequence[str],
         settle_seconds: float,
         clock: Callable[[], float] = time.monotonic,
+        limiter: RepeatLimiter | None = None,
     ) -> None:
         self.roots = [Path(r) for r in roots]
         self.suffixes = list(suffixes)
         self.settle = settle_seconds
         self.clock = clock
+        self.limiter = limiter or RepeatLimiter(log)
         self._lock = threading.Lock()
         self._containers: dict[Path, ContainerState] = {}
         self._candidates: dict[Path, Candidate] = {}
@@ -145,8 +168,8 @@ class ImageTracker:
         if index is None:
             return
         container = container_of(path, self.roots[index], self.suffixes)
-        if container is None or is_output_path(path, container):
-            return
+        if container is None or is_output_path(path, container) or not _encodable(container):
+            return  # (a container name that is not valid UTF-8 is reported by the rescan)
         now = self.clock() if when is None else when
         with self._lock:
             known = container in self._containers
@@ -174,61 +197,97 @@ class ImageTracker:
                         cand.next_check = 0.0  # changed: look again once it is quiet
 
     def rescan(self) -> int:
-        """Walk every root for containers; known ones are re-examined too. Returns how many."""
+        """Walk every root for containers; known ones are re-examined too. Returns how many.
+
+        A root that cannot be walked (unmounted share, odd entry) is logged and
+        skipped; the other roots are scanned as usual.
+        """
         found = 0
         for index, root in enumerate(self.roots):
-            for container in find_containers(root, self.suffixes):
-                found += 1
-                with self._lock:
-                    state = self._containers.get(container)
-                    if state is None:
-                        # Activity unknown: the folder walk at check time decides.
-                        self._containers[container] = ContainerState(index, float("-inf"))
-                    elif state.next_discovery == float("inf"):
-                        state.next_discovery = self.clock()  # re-list: catches missed new images
+            try:
+                found += self._rescan_root(index, root)
+            except Exception as err:  # noqa: BLE001 - one root never stops the others
+                self.limiter.log(logging.ERROR, ("rescan", root, type(err)), "cannot scan watched folder %s: "
+                                 "%s: %s; the other folders are scanned as usual", root, type(err).__name__, err)
+        return found
+
+    def _rescan_root(self, index: int, root: Path) -> int:
+        found = 0
+        for container in find_containers(root, self.suffixes):
+            if not _encodable(container):
+                self.limiter.log(logging.ERROR, ("name", container), "ignoring %r: its name is not valid "
+                                 "UTF-8, which the catalog cannot record; rename it", os.fsencode(container))
+                continue
+            found += 1
+            with self._lock:
+                state = self._containers.get(container)
+                if state is None:
+                    # Activity unknown: the folder walk at check time decides.
+                    self._containers[container] = ContainerState(index, float("-inf"))
+                elif state.next_discovery == float("inf"):
+                    state.next_discovery = self.clock()  # re-list: catches missed new images
         return found
 
     # -- output -------------------------------------------------------------
 
-    def _discover(self, now: float) -> list[tuple[Path, int, str]]:
-        problems = []
+    def _discover(self, now: float) -> list[Problem]:
+        problems: list[Problem] = []
         with self._lock:
             due = [(c, s) for c, s in self._containers.items() if s.next_discovery <= now]
         for container, state in due:
-            quiet = now - state.last_event >= self.settle and (
-                tree_signature(container).newest_mtime <= time.time() - self.settle
-                if state.next_discovery == 0.0 else True
-            )
-            if not container.exists() or link_on_the_way(container, self.roots[state.root_index]):
-                # Gone, or (re)placed by a symbolic link: links are never followed.
-                with self._lock:
-                    self._forget_container(container)
-                continue
             try:
-                images = list_images(container)
-            except ImageError as err:
-                images = []
-                if quiet and not state.problem_reported:
-                    problems.append((container, state.root_index, str(err)))
-                    state.problem_reported = True
-            else:
-                if not images and quiet and not state.problem_reported:
-                    problems.append((
-                        container, state.root_index,
-                        f"{container}: no OME-NGFF image found in this zarr container "
-                        "(no group with 'multiscales' metadata)",
-                    ))
-                    state.problem_reported = True
-                if images:
-                    state.problem_reported = False
-            with self._lock:
-                state.next_discovery = float("inf") if quiet and images else now + max(1.0, self.settle / 2)
-                for image in images:
-                    if image not in self._candidates:
-                        last = self._activity.get(image, float("-inf"))
-                        self._candidates[image] = Candidate(image, container, state.root_index, last)
-                    state.images.add(image)
+                self._discover_container(container, state, now, problems)
+            except Exception as err:  # noqa: BLE001 - whatever one container raises fails only it
+                error = f"{container}: cannot list the images in this container: {type(err).__name__}: {err}"
+                with self._lock:
+                    state.next_discovery = now + max(30.0, self.settle)
+                self._report(problems, state, Problem(container, container, state.root_index, error))
         return problems
+
+    def _report(self, problems: list[Problem], state: ContainerState, problem: Problem) -> None:
+        key = (problem.path, problem.error)
+        if key not in state.reported:
+            state.reported.add(key)
+            problems.append(problem)
+
+    def _discover_container(self, container: Path, state: ContainerState, now: float,
+                            problems: list[Problem]) -> None:
+        quiet = now - state.last_event >= self.settle and (
+            tree_signature(container).newest_mtime <= time.time() - self.settle
+            if state.next_discovery == 0.0 else True
+        )
+        if not os.path.lexists(container) or link_on_the_way(container, self.roots[state.root_index]):
+            # Gone, or (re)placed by a symbolic link: links are never followed.
+            with self._lock:
+                self._forget_container(container)
+            return
+        index = state.root_index
+        sub_problems: list[tuple[Path, str]] = []
+        try:
+            images = list_images(container, sub_problems)
+        except ImageError as err:
+            images = []
+            if quiet:
+                self._report(problems, state, Problem(container, container, index, str(err)))
+        else:
+            if not images and not sub_problems and quiet:
+                self._report(problems, state, Problem(
+                    container, container, index,
+                    f"{container}: no OME-NGFF image found in this zarr container "
+                    "(no group with 'multiscales' metadata)",
+                ))
+        if quiet:  # a sub-group still broken after the settle time is reported; its siblings go on
+            for path, error in sub_problems:
+                self._report(problems, state, Problem(path, container, index, error))
+        with self._lock:
+            state.next_discovery = (
+                float("inf") if quiet and (images or sub_problems) else now + max(1.0, self.settle / 2)
+            )
+            for image in images:
+                if image not in self._candidates:
+                    last = self._activity.get(image, float("-inf"))
+                    self._candidates[image] = Candidate(image, container, index, last)
+                state.images.add(image)
 
     def _forget_container(self, container: Path) -> None:
         state = self._containers.pop(container, None)
@@ -237,33 +296,51 @@ class ImageTracker:
         for folder in [f for f in self._activity if f == container or container in f.parents]:
             del self._activity[folder]
 
-    def poll(self, now: float | None = None) -> tuple[list[Candidate], list[tuple[Path, int, str]]]:
-        """Images quiet for the settle time and container problems to report."""
+    def poll(self, now: float | None = None) -> tuple[list[Candidate], list[Problem]]:
+        """Images quiet for the settle time, and problems to report (each once).
+
+        Every container and every image is looked at on its own: whatever one
+        raises becomes a problem of that one, never an error of the whole pass.
+        """
         now = self.clock() if now is None else now
         problems = self._discover(now)
         ready = []
         with self._lock:
             candidates = list(self._candidates.values())
         for cand in candidates:
-            if cand.next_check > now:
-                continue
-            if now - max(cand.last_change, self._activity.get(cand.image, float("-inf"))) < self.settle:
-                continue
-            if not cand.image.exists():
+            try:
+                if self._is_ready(cand, now):
+                    ready.append(cand)
+            except Exception as err:  # noqa: BLE001
+                cand.next_check = float("inf")  # until it changes
                 with self._lock:
-                    self._candidates.pop(cand.image, None)
-                continue
-            sig = tree_signature(cand.image)
-            if sig == cand.settled:
-                cand.next_check = float("inf")  # unchanged since it was handed on
-                continue
-            stable = sig == cand.signature or sig.newest_mtime <= time.time() - self.settle
-            if not stable:
-                cand.signature, cand.last_change = sig, now
-                continue
-            cand.signature = sig
-            ready.append(cand)
+                    state = self._containers.get(cand.container)
+                if state is not None:
+                    self._report(problems, state, Problem(
+                        cand.image, cand.container, cand.root_index,
+                        f"{cand.image}: cannot check whether this image is complete: {type(err).__name__}: {err}",
+                    ))
         return ready, problems
+
+    def _is_ready(self, cand: Candidate, now: float) -> bool:
+        if cand.next_check > now:
+            return False
+        if now - max(cand.last_change, self._activity.get(cand.image, float("-inf"))) < self.settle:
+            return False
+        if not cand.image.exists():
+            with self._lock:
+                self._candidates.pop(cand.image, None)
+            return False
+        sig = tree_signature(cand.image)
+        if sig == cand.settled:
+            cand.next_check = float("inf")  # unchanged since it was handed on
+            return False
+        stable = sig == cand.signature or sig.newest_mtime <= time.time() - self.settle
+        if not stable:
+            cand.signature, cand.last_change = sig, now
+            return False
+        cand.signature = sig
+        return True
 
     def postpone(self, cand: Candidate, seconds: float) -> None:
         """Look at ``cand`` again after ``seconds`` (e.g. waiting for a completion marker)."""
@@ -291,10 +368,14 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return  # reads are not writes
-        self.tracker.touch(Path(os.fsdecode(event.src_path)))
-        dest = getattr(event, "dest_path", "")
-        if dest:
-            self.tracker.touch(Path(os.fsdecode(dest)))
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if not raw:
+                continue
+            try:
+                self.tracker.touch(Path(os.fsdecode(raw)))
+            except Exception as err:  # noqa: BLE001 - an exception here would end the observer thread
+                self.tracker.limiter.log(logging.ERROR, ("event", type(err)), "ignoring a file event for %r: "
+                                         "%s: %s", raw, type(err).__name__, err)
 
 
 class Watcher:

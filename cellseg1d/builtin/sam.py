@@ -41,9 +41,13 @@ class BaseSam:
     checkpoint_sha256: str
     key: tuple
     lock: threading.RLock = field(default_factory=threading.RLock)
-    #: Adapter switches and the seconds they took (for the log and benchmarks).
+    #: Adapter activations and the seconds they took (for the log and benchmarks).
     switches: int = 0
     switch_seconds: float = 0.0
+    #: Times the active adapter changed to another one (or to or from the bare base model).
+    adapter_changes: int = 0
+    #: What is active now: an adapter folder, "" for the bare base model, None before the first job.
+    active_adapter: str | None = None
 
     @property
     def sam(self) -> Any:
@@ -107,6 +111,11 @@ class ModelHolder:
                  time.perf_counter() - started)
         return BaseSam(cache, device, settings.model_type, info.sha256, key)
 
+    def adapter_changes(self) -> int:
+        """Adapter switches (the active adapter changed) on every loaded base model, in total."""
+        with self._lock:
+            return sum(base.adapter_changes for base in self.bases.values())
+
     def get(self, settings: Any) -> LoadedModel:
         """The base model with the default adapter (``sam.adapter``) active; for single-threaded callers."""
         base = self.base(settings)
@@ -142,6 +151,10 @@ def activate(base: BaseSam, adapter: AdapterRef | None, settings: Any) -> dict[s
 
     started = time.perf_counter()
     loads = base.cache.loads
+    wanted = str(adapter.path) if adapter is not None else str(settings.adapter or "")
+    if base.active_adapter is not None and wanted != base.active_adapter:
+        base.adapter_changes += 1
+    base.active_adapter = wanted
     if adapter is not None:
         _check_registered(adapter)
         base.cache.activate(adapter.path)

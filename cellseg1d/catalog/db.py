@@ -296,12 +296,15 @@ class Catalog:
         """Seconds since the last outage ended (infinite if there was none; 0 during one)."""
         return 0.0 if self._down_since is not None else time.monotonic() - self._up_since
 
-    def retry(self, fn: Callable[..., T], *args: Any, until: threading.Event | None = None, **kwargs: Any) -> T:
+    def retry(self, fn: Callable[..., T], *args: Any, until: threading.Event | None = None,
+              on_wait: Callable[[], None] | None = None, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)``, called again with backoff for as long as the catalog is unreachable.
 
         ``fn`` must be one transaction (it is run again from the start). Other
         errors propagate at once; so does the last transient one when
-        ``until`` is set.
+        ``until`` is set. ``on_wait`` is called before each wait (the daemon's
+        scheduler feeds the systemd watchdog there: waiting out an outage is
+        not a hang).
         """
         delay = RETRY_FIRST_S
         stop = until or _NEVER
@@ -312,6 +315,8 @@ class Catalog:
                 if not self.is_transient(err) or stop.is_set():
                     raise
                 self.note_unreachable(err)
+                if on_wait is not None:
+                    on_wait()
                 if stop.wait(delay):
                     raise
                 delay = min(delay * 2, RETRY_MAX_S)

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from cellseg1d.errors import ImageError
-from cellseg1d.ngff.reader import ome_attributes, read_group_attributes
+from cellseg1d.ngff.reader import NotAGroup, ome_attributes, read_group_attributes
 
 #: How deep below a container images are looked for (plate/row/column/field).
 MAX_IMAGE_DEPTH = 4
@@ -87,22 +87,27 @@ def is_output_path(path: Path, container: Path) -> bool:
 
 
 def has_group_metadata(folder: Path) -> bool:
-    return any((folder / n).is_file() for n in ("zarr.json", ".zattrs", ".zgroup"))
+    """Whether ``folder`` has zarr metadata (a folder in a metadata file's place counts: it is reported)."""
+    return any(os.path.lexists(folder / n) for n in ("zarr.json", ".zattrs", ".zgroup"))
 
 
-def list_images(container: Path) -> list[Path]:
+def list_images(container: Path, problems: list[tuple[Path, str]] | None = None) -> list[Path]:
     """Image groups inside ``container`` (the container itself for a plain image).
 
     Raises ImageError when the container's own metadata cannot be read: the
-    caller decides whether that means "still being written" or "bad".
+    caller decides whether that means "still being written" or "bad". A
+    sub-group (plate well, field, series) whose metadata cannot be read is
+    skipped and, when ``problems`` is given, appended to it as ``(path, error)``
+    so the caller can report it once it stays broken; the other groups are
+    still listed.
     """
     images: list[Path] = []
     _, attrs = read_group_attributes(container)
-    _collect(container, attrs, 0, images)
+    _collect(container, attrs, 0, images, problems if problems is not None else [])
     return images
 
 
-def _collect(folder: Path, attrs: dict, depth: int, images: list[Path]) -> None:
+def _collect(folder: Path, attrs: dict, depth: int, images: list[Path], problems: list[tuple[Path, str]]) -> None:
     if "multiscales" in ome_attributes(attrs):
         images.append(folder)
         return
@@ -114,13 +119,18 @@ def _collect(folder: Path, attrs: dict, depth: int, images: list[Path]) -> None:
             for e in os.scandir(folder)
             if e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and e.name not in OUTPUT_DIR_NAMES
         )
-    except OSError:
+    except OSError as err:
+        problems.append((folder, f"cannot list {folder}: {err.strerror or err}"))
         return
     for child in children:
-        if not has_group_metadata(child):
-            continue
         try:
+            if not has_group_metadata(child):
+                continue
             _, child_attrs = read_group_attributes(child)
-        except ImageError:
-            continue  # a sub-group still being written; found on a later look
-        _collect(child, child_attrs, depth + 1, images)
+            _collect(child, child_attrs, depth + 1, images, problems)
+        except NotAGroup:
+            continue  # an array beside the images (e.g. a plate's extra data)
+        except ImageError as err:
+            problems.append((child, str(err)))  # possibly still being written: reported once it stays so
+        except Exception as err:  # noqa: BLE001 - one odd group never hides its siblings
+            problems.append((child, f"cannot read {child}: {type(err).__name__}: {err}"))

@@ -29,30 +29,105 @@ KNOWN_AXES = "tczyx"
 MAX_PLANE_PIXELS = 1 << 30
 
 
-def load_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object from ``path``, raising ImageError with the file name on failure."""
+#: Metadata files larger than this are refused (NGFF metadata is kilobytes; a runaway writer is not).
+MAX_METADATA_BYTES = 16 << 20
+#: Deepest nesting of objects and lists accepted in a metadata file (NGFF needs about 6).
+MAX_METADATA_DEPTH = 100
+
+
+def json_depth(doc: Any) -> int:
+    """Nesting depth of a parsed JSON value (a scalar is 0), walked without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(doc, 0)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, dict):
+            children: Any = value.values()
+        elif isinstance(value, list):
+            children = value
+        else:
+            continue
+        depth += 1
+        deepest = max(deepest, depth)
+        if depth > MAX_METADATA_DEPTH:
+            return depth  # deep enough to refuse: stop walking
+        stack.extend((child, depth) for child in children)
+    return deepest
+
+
+def check_metadata_size(path: Path) -> None:
+    """Refuse a metadata file above :data:`MAX_METADATA_BYTES` before anything parses it."""
     try:
-        raw = path.read_bytes()
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return  # the caller's own read reports it
+    except OSError as err:
+        raise ImageError(f"cannot read {path}: {err.strerror or err}") from None
+    if size > MAX_METADATA_BYTES:
+        raise ImageError(
+            f"metadata too large: {path} is {size / 2**20:.1f} MiB, over the "
+            f"{MAX_METADATA_BYTES >> 20} MiB limit for one metadata file; is it really zarr metadata?"
+        )
+
+
+def load_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object from ``path``, raising ImageError with the file name on failure.
+
+    Files over :data:`MAX_METADATA_BYTES` and documents nested deeper than
+    :data:`MAX_METADATA_DEPTH` are refused ("metadata too large / too deeply
+    nested"), so no metadata file can exhaust memory or the interpreter's stack.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_METADATA_BYTES + 1)
     except PermissionError:
         raise ImageError(
             f"cannot read {path}: permission denied; give the user running cellseg1d read access to it"
         ) from None
+    except IsADirectoryError:
+        raise ImageError(f"cannot read {path}: it is a folder, where a metadata file belongs") from None
     except OSError as err:
         raise ImageError(f"cannot read {path}: {err.strerror or err}") from None
+    if len(raw) > MAX_METADATA_BYTES:
+        raise ImageError(
+            f"metadata too large: {path} is over the {MAX_METADATA_BYTES >> 20} MiB limit for one "
+            "metadata file; is it really zarr metadata?"
+        )
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ImageError(f"invalid JSON in {path}: {err}") from None
+    except RecursionError:
+        raise ImageError(
+            f"metadata too deeply nested: {path} nests objects or lists deeper than the JSON parser "
+            f"allows (cellseg1d accepts {MAX_METADATA_DEPTH} levels)"
+        ) from None
+    except (ValueError, MemoryError) as err:  # e.g. an integer literal with too many digits
+        raise ImageError(f"invalid JSON in {path}: {type(err).__name__}: {err}") from None
     if not isinstance(doc, dict):
         raise ImageError(f"invalid metadata in {path}: expected a JSON object, found {type(doc).__name__}")
+    if json_depth(doc) > MAX_METADATA_DEPTH:
+        raise ImageError(
+            f"metadata too deeply nested: {path} nests objects or lists more than "
+            f"{MAX_METADATA_DEPTH} levels deep; NGFF metadata needs only a few"
+        )
     return doc
+
+
+class NotAGroup(ImageError):
+    """The folder holds a zarr array, not a group (fine inside a container; not an image)."""
 
 
 def read_group_attributes(path: Path) -> tuple[int, dict[str, Any]]:
     """Return ``(zarr_format, attributes)`` of the zarr group stored at ``path``."""
     v3 = path / "zarr.json"
+    for name in ("zarr.json", ".zattrs", ".zgroup"):
+        if (path / name).is_dir():
+            raise ImageError(f"{path / name} is a folder, where zarr expects a metadata file")
     if v3.is_file():
         doc = load_json(v3)
+        if doc.get("zarr_format") == 3 and doc.get("node_type") == "array":
+            raise NotAGroup(f"{v3} describes a zarr array, not a group")
         if doc.get("zarr_format") != 3 or doc.get("node_type") != "group":
             raise ImageError(
                 f"{v3} does not describe a zarr v3 group "
@@ -366,6 +441,8 @@ def open_image(path: Path) -> OmeImage:
             raise ImageError(f"{meta_file}: datasets[{i}] is not an object")
         ds_path = _safe_dataset_path(path, dataset.get("path"))
         array_dir = path / ds_path
+        for meta_name in ("zarr.json", ".zarray", ".zattrs"):
+            check_metadata_size(array_dir / meta_name)  # zarr parses these itself, without limits
         try:
             array = zarr.open_array(store=str(array_dir), mode="r")
         except PermissionError as err:
@@ -373,6 +450,8 @@ def open_image(path: Path) -> OmeImage:
                 f"cannot open array {array_dir}: permission denied on {err.filename or 'its metadata'}; "
                 "give the user running cellseg1d read access"
             ) from None
+        except RecursionError:
+            raise ImageError(f"cannot open array {array_dir}: metadata too deeply nested") from None
         except Exception as err:
             raise ImageError(f"cannot open array {array_dir}: {type(err).__name__}: {err}") from None
         if array.ndim != len(axes):
