@@ -491,6 +491,74 @@ def unreadable_chunk(folder: Path, version: str) -> BadInput:
     return BadInput("unreadable_chunk", version, path, "0", ("permission denied",), "read")
 
 
+def _group_meta_with(path: Path, version: str, attributes_json: str) -> Path:
+    """Rewrite the image's group metadata with ``attributes_json`` as its attributes (raw text)."""
+    meta = path / _group_meta(version)
+    if version == "0.5":
+        meta.write_text('{"zarr_format": 3, "node_type": "group", "attributes": ' + attributes_json + "}")
+    else:
+        meta.write_text(attributes_json)
+    return meta
+
+
+def deep_json(folder: Path, version: str) -> BadInput:
+    """Group metadata nested 100,000 levels deep: Python's JSON parser raises RecursionError on it."""
+    path = good_image(_fresh(folder, "deep_json", version), version)
+    depth = 100_000
+    meta = _group_meta_with(path, version, '{"x": ' + "[" * depth + "]" * depth + "}")
+    return BadInput("deep_json", version, path, meta.name, ("too deeply nested",), "open")
+
+
+def deep_json_parses(folder: Path, version: str) -> BadInput:
+    """Group metadata nested 300 levels deep: parses, but deep enough to break code that walks it."""
+    path = good_image(_fresh(folder, "deep_json_parses", version), version)
+    depth = 300
+    meta = _group_meta_with(path, version, '{"x": ' + '{"y": ' * depth + "1" + "}" * depth + "}")
+    return BadInput("deep_json_parses", version, path, meta.name, ("too deeply nested",), "open")
+
+
+def huge_metadata(folder: Path, version: str) -> BadInput:
+    """Group metadata of 17 MiB (a writer that dumped a whole log into the attributes)."""
+    path = good_image(_fresh(folder, "huge_metadata", version), version)
+    meta = _group_meta_with(path, version, '{"log": "' + "x" * (17 << 20) + '"}')
+    return BadInput("huge_metadata", version, path, meta.name, ("too large",), "open")
+
+
+def bigint_json(folder: Path, version: str) -> BadInput:
+    """An integer of 10,000 digits: Python refuses to convert it (ValueError, not a JSON error)."""
+    path = good_image(_fresh(folder, "bigint_json", version), version)
+    meta = _group_meta_with(path, version, '{"n": ' + "9" * 10_000 + "}")
+    return BadInput("bigint_json", version, path, meta.name, ("invalid json",), "open")
+
+
+def metadata_is_folder(folder: Path, version: str) -> BadInput:
+    """The group metadata file was replaced by a folder of the same name."""
+    path = good_image(_fresh(folder, "metadata_is_folder", version), version)
+    meta = path / _group_meta(version)
+    meta.unlink()
+    meta.mkdir()
+    (meta / "stray").write_text("x")
+    return BadInput("metadata_is_folder", version, path, meta.name, ("is a folder",), "open")
+
+
+def array_is_file(folder: Path, version: str) -> BadInput:
+    """The full-resolution array's folder was replaced by a file of the same name."""
+    path = good_image(_fresh(folder, "array_is_file", version), version)
+    shutil.rmtree(path / "0")
+    (path / "0").write_bytes(b"not an array")
+    return BadInput("array_is_file", version, path, "0", ("cannot open array",), "open")
+
+
+def chunk_is_folder(folder: Path, version: str) -> BadInput:
+    """A chunk file of the full-resolution array was replaced by a folder: it counts as a missing chunk."""
+    path = good_image(_fresh(folder, "chunk_is_folder", version), version, chunks=(1, 1, 32, 32))
+    chunk = _chunk_files(path / "0")[0]
+    chunk.unlink()
+    chunk.mkdir()
+    (chunk / "stray").write_bytes(b"x")
+    return BadInput("chunk_is_folder", version, path, "0", ("missing",), "chunks", (1, 8))
+
+
 KINDS: dict[str, Callable[[Path, str], BadInput]] = {
     f.__name__: f
     for f in (
@@ -501,6 +569,8 @@ KINDS: dict[str, Callable[[Path, str], BadInput]] = {
         six_d, empty_yx, huge_shape, huge_plane, channel_missing, levels_shape, foreign_label_image,
         labels_is_file, link_out_chunk, link_out_array, link_out_labels, symlink_loop,
         unreadable_metadata, unreadable_chunk,
+        deep_json, deep_json_parses, huge_metadata, bigint_json, metadata_is_folder, array_is_file,
+        chunk_is_folder,
     )
 }
 

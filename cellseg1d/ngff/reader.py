@@ -279,6 +279,11 @@ class OmeImage:
                 f"cannot read plane t={t} z={z} of {self.path / level.path}: permission denied on "
                 f"{err.filename or 'a chunk file'}; give the user running cellseg1d read access"
             ) from None
+        except (IsADirectoryError, NotADirectoryError) as err:
+            raise ImageError(
+                f"cannot read plane t={t} z={z} of {self.path / level.path}: {err.filename or 'a chunk'} "
+                "is a folder where a chunk file belongs, or the reverse"
+            ) from None
         except Exception as err:
             if isinstance(err, OSError) and err.errno is not None:
                 raise  # storage trouble (network share, disk): transient, the job is retried
@@ -441,6 +446,8 @@ def open_image(path: Path) -> OmeImage:
             raise ImageError(f"{meta_file}: datasets[{i}] is not an object")
         ds_path = _safe_dataset_path(path, dataset.get("path"))
         array_dir = path / ds_path
+        if array_dir.exists() and not array_dir.is_dir():
+            raise ImageError(f"cannot open array {array_dir}: it is a file, where the array's folder belongs")
         for meta_name in ("zarr.json", ".zarray", ".zattrs"):
             check_metadata_size(array_dir / meta_name)  # zarr parses these itself, without limits
         try:
