@@ -345,7 +345,7 @@ class Daemon:
 
     def _status_line(self) -> str:
         """``watching 2 roots, 3 queued, 1 running`` (for systemctl status)."""
-        line = f"watching {len(self.roots)} root(s), "
+        line = f"watching {len(self.roots)} root{'' if len(self.roots) == 1 else 's'}, "
         try:
             from cellseg1d.catalog import Job, JobState
             from sqlalchemy import func, select

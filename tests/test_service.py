@@ -101,7 +101,7 @@ def test_notify_protocol_ready_status_watchdog_reload_stopping(
     assert "watching 1 folder(s)" in log
     assert catalog_rows(state, "SELECT version_num FROM alembic_version")
     ready_fields = next(f for t, f in systemd.messages if t == ready)
-    assert ready_fields.get("STATUS", "").startswith("watching 1 root(s), 0 queued, 0 running")
+    assert ready_fields.get("STATUS", "").startswith("watching 1 root, 0 queued, 0 running")
     assert not [f for _, f in systemd.messages if "STOPPING" in f]
 
     # Watchdog pings at half of WATCHDOG_USEC (1 s) from the scheduler loop.
