@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 
 from cellseg1d import __version__
-from cellseg1d.catalog import Adapter
+from cellseg1d.catalog import Adapter, JobState
 from cellseg1d.catalog.db import open_catalog, redact
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
@@ -46,6 +46,7 @@ from cellseg1d.ngff.reader import open_image
 from cellseg1d.pipeline import Pipeline
 from cellseg1d.plugins import build_plugin_manager, plugin_at_fault, plugin_names
 from cellseg1d.registry import adapter_ref, ensure_experiment, route_for
+from cellseg1d.report import catalog_counts
 from cellseg1d.service.sdnotify import Notifier
 from cellseg1d.types import AdapterRef, ReadinessQuery
 from cellseg1d.watch import Candidate, ImageTracker, Watcher
@@ -347,12 +348,7 @@ class Daemon:
         """``watching 2 roots, 3 queued, 1 running`` (for systemctl status)."""
         line = f"watching {len(self.roots)} root{'' if len(self.roots) == 1 else 's'}, "
         try:
-            from cellseg1d.catalog import Job, JobState
-            from sqlalchemy import func, select
-
-            with self.catalog.session() as s:
-                queued = s.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED))
-            line += f"{queued} queued, "
+            line += f"{catalog_counts(self.catalog)['jobs'][JobState.QUEUED]} queued, "
         except Exception as err:  # noqa: BLE001 - a status line never stops the scheduler
             if not self.catalog.is_transient(err):
                 self.limiter.log(logging.WARNING, ("status", type(err)), "cannot count queued jobs: %s", err)
