@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -70,6 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config_for(args)
     configure_logging(config.log_level, config.log_format)
+    faulthandler.enable()  # a watchdog's SIGABRT (a hung daemon) prints every thread's stack to the journal
     daemon = Daemon(config, config_loader=lambda: _config_for(args))
     daemon.install_signal_handlers()
     return daemon.run()
