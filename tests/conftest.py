@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from cellseg1d.catalog import Catalog
 from cellseg1d.synthetic import make_czyx, write_ome_zarr
 from tests.helpers import DaemonProcess
 from tests.pg import PgServer, find_pg_bindir, start_server
@@ -19,6 +20,21 @@ def acquisition(tmp_path: Path) -> Path:
     folder = tmp_path / "acquisition"
     folder.mkdir()
     return folder
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """A daemon state dir (not created: the catalog or daemon makes it)."""
+    return tmp_path / "state"
+
+
+@pytest.fixture
+def catalog(state: Path) -> Iterator[Catalog]:
+    """A migrated SQLite catalog in ``state``."""
+    cat = Catalog(f"sqlite:///{state / 'catalog.sqlite'}")
+    cat.migrate()
+    yield cat
+    cat.close()
 
 
 @pytest.fixture

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 
 from cellseg1d.logs import RepeatLimiter
-from cellseg1d.synthetic import make_czyx, write_ome_zarr
 from cellseg1d.watch import ImageTracker
 from tests import badinput
 from tests.helpers import image_status, jobs_for, wait_for

@@ -6,7 +6,6 @@ import threading
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import select, update
@@ -17,13 +16,6 @@ from cellseg1d.jobs import ImageFacts, JobQueue
 
 RESULT = dict(labels_path="/x/labels/cellseg1d", object_count=3, planes=1, segmenter="classical",
               cellseg1d_version="t", pipeline_version="1", exports={})
-
-
-@pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    cat = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.sqlite'}")
-    cat.migrate()
-    return cat
 
 
 def facts(n: int) -> ImageFacts:

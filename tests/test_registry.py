@@ -29,13 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Catalog:
-    cat = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.sqlite'}")
-    cat.migrate()
-    return cat
-
-
-@pytest.fixture
 def registry(catalog: Catalog, tmp_path: Path) -> Registry:
     return Registry(catalog, tmp_path / "store", BASE)
 

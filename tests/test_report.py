@@ -12,11 +12,10 @@ from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
-import pytest
 from sqlalchemy import update
 
 from cellseg1d import cli
-from cellseg1d.catalog import Adapter, Assignment, Catalog, Experiment, Job, JobState, utcnow
+from cellseg1d.catalog import Adapter, Assignment, Catalog, Experiment, Job, utcnow
 from cellseg1d.jobs import JobQueue
 from cellseg1d.report import JOB_STATES, catalog_counts, status_report
 from tests.test_jobs import facts
@@ -25,19 +24,6 @@ RESULT = dict(labels_path="/x/labels/cellseg1d", object_count=3, planes=1, segme
               cellseg1d_version="t", pipeline_version="1", exports={})
 #: What :func:`populate` puts in the catalog.
 KNOWN_JOBS = {"held": 1, "queued": 1, "running": 1, "failed": 1, "quarantined": 3, "done": 3}
-
-
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def catalog(state: Path) -> Catalog:
-    cat = Catalog(f"sqlite:///{state / 'catalog.sqlite'}")
-    cat.migrate()
-    yield cat
-    cat.close()
 
 
 def _adapter(s, name: str, version: int, sha: str) -> Adapter:

@@ -32,18 +32,6 @@ def cli(state: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=120, cwd=REPO)
 
 
-@pytest.fixture
-def state(tmp_path: Path) -> Path:
-    return tmp_path / "state"
-
-
-@pytest.fixture
-def catalog(state: Path) -> Catalog:
-    cat = Catalog(f"sqlite:///{state / 'catalog.sqlite'}")
-    cat.migrate()
-    return cat
-
-
 def failed_job(catalog: Catalog, n: int, *, permanent: bool, plugin: str | None = None) -> int:
     """A job of image ``n`` that failed once (waiting for a retry in an hour) or was quarantined."""
     q = JobQueue(catalog, "daemon#1", max_attempts=3, retry_backoff_seconds=3600)

@@ -37,14 +37,6 @@ REFUSED_URL = "postgresql+psycopg://u:s3cret-pw@127.0.0.1:1/db"  # nothing liste
 
 
 @pytest.fixture
-def catalog(tmp_path: Path) -> Iterator[Catalog]:
-    cat = Catalog(f"sqlite:///{tmp_path / 'state' / 'catalog.sqlite'}")
-    cat.migrate()
-    yield cat
-    cat.close()
-
-
-@pytest.fixture
 def serve() -> Iterator:
     """Factory: a started MetricsServer on an ephemeral port; all are stopped at teardown."""
     servers: list[MetricsServer] = []
