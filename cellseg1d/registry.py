@@ -150,7 +150,7 @@ def route_for(catalog: Catalog, experiment: str, root: WatchRoot | None, sam_ena
         return Route(experiment, "default")
 
 
-def _base_mismatch(meta_type: str, meta_sha: str, base: BaseModel) -> str | None:
+def base_mismatch(meta_type: str, meta_sha: str, base: BaseModel) -> str | None:
     if meta_type != base.model_type:
         return f"it was trained on a {meta_type} SAM but the daemon's base model is a {base.model_type}"
     if meta_sha != base.sha256:
@@ -188,7 +188,7 @@ class Registry:
                 f"{meta.weights_sha256}, actual {actual}); the files are corrupted or were modified. "
                 "Retrain the adapter or restore both files.")
         if self.base is not None:
-            problem = _base_mismatch(meta.base_model_type, meta.base_checkpoint_sha256, self.base)
+            problem = base_mismatch(meta.base_model_type, meta.base_checkpoint_sha256, self.base)
             if problem:
                 raise RegistryError(f"refused adapter {source}: {problem}. Train it on this base model "
                                     "(cellseg1d train --checkpoint ...) or register it with the daemon that "
@@ -312,7 +312,7 @@ class Registry:
             raise RegistryError("the experiment name is empty")
         row = self.get(name, version)
         if self.base is not None:
-            problem = _base_mismatch(row.base_model_type, row.base_sha256, self.base)
+            problem = base_mismatch(row.base_model_type, row.base_sha256, self.base)
             if problem:
                 raise RegistryError(f"refused to assign {row.label} to {experiment}: {problem}. Assign an "
                                     "adapter trained on this base model.")

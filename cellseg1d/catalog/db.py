@@ -185,7 +185,8 @@ def _one_line(err: BaseException) -> str:
 class Catalog:
     """A handle on the catalog database: engine, sessions, migrations and outage handling."""
 
-    def __init__(self, url: str, *, password_file: Path | None = None, password: str | None = None) -> None:
+    def __init__(self, url: str, *, password_file: Path | None = None, password: str | None = None,
+                 connect_timeout: float = PG_CONNECT_TIMEOUT_S) -> None:
         self.url = url
         try:
             parsed = make_url(url)
@@ -211,7 +212,8 @@ class Catalog:
             else:
                 connect_args: dict[str, Any] = {}
                 if backend == "postgresql" and parsed.get_driver_name() == "psycopg":
-                    connect_args = {"connect_timeout": PG_CONNECT_TIMEOUT_S, "application_name": "cellseg1d"}
+                    connect_args = {"connect_timeout": max(1, round(connect_timeout)),
+                                    "application_name": "cellseg1d"}
                 if password is not None:
                     connect_args["password"] = password  # not in the URL: nothing renders it
                 self.engine = create_engine(url, pool_pre_ping=True, connect_args=connect_args)
@@ -344,6 +346,6 @@ def alembic_config(connection: Any = None) -> Any:
     return cfg
 
 
-def open_catalog(config: Any) -> Catalog:
+def open_catalog(config: Any, connect_timeout: float = PG_CONNECT_TIMEOUT_S) -> Catalog:
     """The catalog of a :class:`cellseg1d.config.Config` (URL and password setting)."""
-    return Catalog(config.catalog_url, password_file=config.catalog.password_file)
+    return Catalog(config.catalog_url, password_file=config.catalog.password_file, connect_timeout=connect_timeout)
