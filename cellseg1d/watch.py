@@ -212,6 +212,11 @@ class ImageTracker:
         return found
 
     def _rescan_root(self, index: int, root: Path) -> int:
+        if not root.is_dir():
+            self.limiter.log(logging.WARNING, ("root missing", root), "watched folder %s is not there (an "
+                             "unmounted share?); it is scanned again at every rescan", root)
+            return 0
+        self.limiter.forget(("root missing", root))
         found = 0
         for container in find_containers(root, self.suffixes):
             if not _encodable(container):

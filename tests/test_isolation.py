@@ -125,13 +125,17 @@ def test_a_container_replaced_by_a_file_is_reported_not_raised(tmp_path: Path) -
     assert "not a zarr group" in problems[0].error
 
 
-def test_a_watched_folder_that_cannot_be_scanned_does_not_stop_the_others(tmp_path: Path) -> None:
+def test_a_watched_folder_that_is_gone_does_not_stop_the_others(tmp_path: Path, caplog) -> None:
     gone, root = tmp_path / "gone", tmp_path / "acq"
     root.mkdir()
     image = good(root / "a.zarr")
     tracker = ImageTracker([gone, root], [".zarr"], settle_seconds=0.0)
-    ready, problems = poll_quiet(tracker)
+    with caplog.at_level(logging.WARNING, logger="cellseg1d.watch"):
+        ready, problems = poll_quiet(tracker)
+        for _ in range(5):
+            tracker.rescan()
     assert [c.image for c in ready] == [image] and problems == []
+    assert caplog.text.count(f"watched folder {gone} is not there") == 1
 
 
 def test_repeat_limiter_keeps_ten_minutes_of_a_stuck_error_to_a_few_lines(caplog) -> None:
