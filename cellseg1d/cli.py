@@ -1,5 +1,5 @@
 """The ``cellseg1d`` command: ``run``, ``demo``, ``status``, ``images``, ``retry``, ``quarantine``, ``train``,
-``segment``, ``evaluate``, ``models``, ``adapters``, ``reprocess``, ``doctor``."""
+``segment``, ``evaluate``, ``models``, ``adapters``, ``reprocess``, ``doctor``, ``plugins``."""
 
 from __future__ import annotations
 
@@ -172,6 +172,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return doctor_command(args, lambda: _config_for(args))
 
 
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from cellseg1d.commands.plugins import plugins_command
+
+    return plugins_command(args, _config_for(args))
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from cellseg1d.commands.segment import segment_command
 
@@ -284,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cellseg1d.commands import adapters as adapters_cmd
     from cellseg1d.commands import doctor as doctor_cmd
+    from cellseg1d.commands import plugins as plugins_cmd
     from cellseg1d.commands import jobs as jobs_cmd
     from cellseg1d.commands import reprocess as reprocess_cmd
 
@@ -296,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["quarantine"].set_defaults(func=cmd_quarantine)
     doctor_cmd.add_parser(sub, _add_catalog_options)
     sub.choices["doctor"].set_defaults(func=cmd_doctor)
+    plugins_cmd.add_parser(sub, _add_catalog_options)
+    sub.choices["plugins"].set_defaults(func=cmd_plugins)
     return parser
 
 

@@ -250,6 +250,8 @@ class PluginSettings(_Section):
     enable: list[str] = Field(default_factory=list)
     #: Built-in plugins to switch off, e.g. ``["classical"]``.
     disable: list[str] = Field(default_factory=list)
+    #: An ``export`` call that has not returned after this long fails the image's job, naming the plugin.
+    timeout_seconds: float = Field(300.0, gt=0)
 
 
 class MetricsSettings(_Section):

@@ -57,6 +57,12 @@ TICK_SECONDS = 0.2
 STATUS_SECONDS = 5.0
 
 
+def _export_rows(err: BaseException) -> list[dict[str, Any]] | None:
+    """The export outcomes a failed pipeline run attached to its exception (see cellseg1d.exports)."""
+    outcomes = getattr(err, "export_outcomes", None)
+    return [o.as_row() for o in outcomes] if outcomes else None
+
+
 class StateDirLock:
     """An exclusive lock on the state dir: one daemon per state dir (and so per SQLite catalog)."""
 
@@ -724,9 +730,10 @@ class Daemon:
             log.warning("released job %d unfinished: %s", job.job_id, err)
             return "released"
         except ImageError as err:
-            return self._failed(job, str(err), permanent=True, plugin=None)
+            return self._failed(job, str(err), permanent=True, plugin=None, exports=_export_rows(err))
         except PluginError as err:
-            return self._failed(job, str(err), permanent=not err.transient, plugin=err.plugin)
+            return self._failed(job, str(err), permanent=not err.transient, plugin=err.plugin,
+                                exports=_export_rows(err))
         except Exception as err:
             log.debug("job %d traceback:\n%s", job.job_id, traceback.format_exc())
             return self._failed(job, f"{type(err).__name__}: {err}", permanent=False, plugin=None)
@@ -736,7 +743,7 @@ class Daemon:
         # The outputs are published: during a catalog outage keep retrying the commit (until a
         # second signal); the conditional UPDATE on the lease owner keeps it from counting twice.
         if not self.catalog.retry(self.queue.complete, job, result.catalog_fields(), seconds,
-                                  until=self.abort_event):
+                                  result.export_outcomes, until=self.abort_event):
             log.warning("job %d finished but its lease had passed to another worker", job.job_id)
             return "released"
         log.info("done %s: %d objects by %s in %.2f s -> %s", path, result.object_count,
@@ -752,10 +759,11 @@ class Daemon:
             row = s.get(Adapter, adapter_id)
             return adapter_ref(row) if row is not None and row.removed_at is None else None
 
-    def _failed(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None) -> str:
+    def _failed(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None,
+                exports: list[dict[str, Any]] | None = None) -> str:
         """Record a failed attempt; returns the job's new state ("failed": a retry waits, or "quarantined")."""
         state = self.catalog.retry(self.queue.fail, job, error, permanent=permanent, plugin=plugin,
-                                   until=self.abort_event)
+                                   exports=exports, until=self.abort_event)
         retry = state == "failed"  # a failed attempt waiting for its retry (quarantined: no retry)
         log.error("failed %s (job %d)%s: %s", job.image_path, job.job_id, " (will retry)" if retry else "", error)
         self._notify("image_failed", image_path=job.image_path, error=error, plugin=plugin, will_retry=retry)

@@ -13,8 +13,13 @@ and are installed as entry points in the ``cellseg1d`` group::
     [project.entry-points.cellseg1d]
     measurements = "cellseg1d_measurements"
 
+A plugin says which version of this contract it was written for::
+
+    CELLSEG1D_PLUGIN_API = 1
+
 An installed plugin is loaded only when the config names it in
-``plugins.enable``. The built-in plugins (``readiness``, ``classical``) use
+``plugins.enable``; ``cellseg1d plugins`` lists every one that is installed,
+whether it loads and which hooks it implements. The built-in plugins (``readiness``, ``classical``) use
 the same hooks and can be switched off with ``plugins.disable``.
 
 A hook implementation may declare only the arguments it needs. An exception
@@ -37,6 +42,13 @@ if TYPE_CHECKING:
     from cellseg1d.types import ExportContext, LabelsView, ReadinessQuery, SegmentRequest, Segmentation
 
 PROJECT = "cellseg1d"
+
+#: The version of this contract. A plugin declares the version it was written for as a
+#: module (or object) attribute ``CELLSEG1D_PLUGIN_API = 1``; a plugin declaring a newer
+#: one than this is refused at start with a clear message (one declaring none counts as 1).
+#: It goes up only when a hook is removed or its arguments change incompatibly; new hooks
+#: and new optional arguments keep it.
+PLUGIN_API = 1
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
@@ -149,8 +161,16 @@ def export(image: Any, labels: LabelsView, context: ExportContext) -> dict[str, 
 
     Return a small JSON-able dict describing what was written, by convention
     with a ``"kind"`` key naming the export (stored in the catalog's result
-    row), or None. An exception fails
-    the job; nothing of this run is published.
+    row), or None.
+
+    Each implementation runs on its own, in a thread, for at most
+    ``plugins.timeout_seconds``: one that raises or hangs does not stop the
+    others from being attempted. Every export's outcome (ok with its record,
+    failed with its error, timed out) is recorded in the catalog
+    (``export_outcomes``); any failure then fails the job, naming the plugin,
+    and nothing of this run is published. A call that timed out keeps running
+    in the background; write only through ``context.atomic_path`` so that
+    whatever it writes late is never published.
     """
 
 

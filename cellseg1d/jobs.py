@@ -35,6 +35,7 @@ from cellseg1d import PIPELINE_VERSION
 from cellseg1d.catalog import (
     Catalog,
     Experiment,
+    ExportOutcome,
     Image,
     ImageStatus,
     Job,
@@ -246,8 +247,9 @@ class JobQueue:
                 ).rowcount
             )
 
-    def complete(self, job: ClaimedJob, result: dict[str, Any], seconds: float) -> bool:
-        """Mark the job done and store its result; False if the lease was lost meanwhile."""
+    def complete(self, job: ClaimedJob, result: dict[str, Any], seconds: float,
+                 exports: list[dict[str, Any]] | None = None) -> bool:
+        """Mark the job done and store its result (and its exports' outcomes); False if the lease was lost."""
         now = utcnow()
         with self.catalog.session() as s:
             done = s.execute(
@@ -262,10 +264,17 @@ class JobQueue:
             s.add(Result(job_id=job.job_id, image_id=job.image_id, created_at=now, **result))
             s.execute(update(Image).where(Image.id == job.image_id).values(
                 status=ImageStatus.DONE, error=None, updated_at=now))
+            self._add_exports(s, job, exports, now)
             return True
 
-    def fail(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None = None) -> str:
-        """Record a failed attempt and return the new state.
+    @staticmethod
+    def _add_exports(s: Any, job: ClaimedJob, exports: list[dict[str, Any]] | None, now: Any) -> None:
+        for row in exports or ():
+            s.add(ExportOutcome(job_id=job.job_id, attempt=job.attempt, at=now, **row))
+
+    def fail(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None = None,
+             exports: list[dict[str, Any]] | None = None) -> str:
+        """Record a failed attempt (and its exports' outcomes) and return the new state.
 
         ``failed`` (retried at ``next_attempt_at``, after ``backoff * 2**(attempt-1)``
         seconds) unless the error is permanent or ``max_attempts`` are used up:
@@ -286,6 +295,7 @@ class JobQueue:
                 return JobState.RUNNING  # the lease passed to another worker: its outcome counts
             s.execute(update(Image).where(Image.id == job.image_id).values(
                 status=ImageStatus.QUEUED if retry else ImageStatus.FAILED, error=error, updated_at=now))
+            self._add_exports(s, job, exports, now)
             if not retry:
                 why = "permanent error" if permanent else f"{job.attempt} of {self.max_attempts} attempts failed"
                 add_event(s, job.job_id, JobEventKind.QUARANTINED, f"{why}: {error}", self.owner)

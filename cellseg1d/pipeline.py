@@ -26,6 +26,7 @@ from cellseg1d import PIPELINE_VERSION, __version__
 from cellseg1d import experiments as experiment_rules
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import ImageError, JobAborted, PluginError
+from cellseg1d.exports import run_exports
 from cellseg1d.experiments import DEFAULT_EXPERIMENT
 from cellseg1d.ngff.labels import LabelsTarget, StagedLabels
 from cellseg1d.ngff.names import check_output_name
@@ -52,6 +53,8 @@ class PipelineResult:
     segmentation: dict[str, Any] = field(default_factory=dict)
     #: Experiment, adapter, base model, settings and versions (also in the label group's metadata).
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: One row per export plugin: plugin, status, seconds, record or error (the catalog's export_outcomes).
+    export_outcomes: list[dict[str, Any]] = field(default_factory=list)
 
     def catalog_fields(self) -> dict[str, Any]:
         """The columns of the catalog's result row."""
@@ -279,8 +282,9 @@ class Pipeline:
             timings["pyramid"] = time.perf_counter() - t4
             view = LabelsView(staged.read_plane, planes, n_objects)
             t5 = time.perf_counter()
-            records = _call_hook(self.pm, "export", image=image, labels=view, context=context)
-            exports = [r if isinstance(r, dict) else {"value": str(r)} for r in records if r is not None]
+            outcomes = run_exports(self.pm, self.config.plugins.timeout_seconds,
+                                   image=image, labels=view, context=context)
+            exports = [o.record for o in outcomes if o.record is not None]
             timings["exports"] = time.perf_counter() - t5
             context.commit()
             final = staged.publish()
@@ -292,5 +296,5 @@ class Pipeline:
         return PipelineResult(
             labels_path=str(final), object_count=n_objects, planes=len(planes),
             segmenter=segmenter, experiment=experiment, exports=exports, timings=timings,
-            segmentation=details, provenance=provenance,
+            segmentation=details, provenance=provenance, export_outcomes=[o.as_row() for o in outcomes],
         )

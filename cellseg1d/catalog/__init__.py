@@ -5,6 +5,8 @@ from cellseg1d.catalog.models import (
     Adapter,
     Assignment,
     Experiment,
+    ExportOutcome,
+    ExportStatus,
     Image,
     ImageStatus,
     Job,
@@ -16,6 +18,6 @@ from cellseg1d.catalog.models import (
 )
 
 __all__ = [
-    "Adapter", "Assignment", "Catalog", "Experiment", "Image", "ImageStatus", "Job", "JobEvent", "JobEventKind",
+    "Adapter", "Assignment", "Catalog", "Experiment", "ExportOutcome", "ExportStatus", "Image", "ImageStatus", "Job", "JobEvent", "JobEventKind",
     "JobState", "Result", "utcnow",
 ]

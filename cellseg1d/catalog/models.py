@@ -146,6 +146,7 @@ class Job(Base):
     image: Mapped[Image] = relationship(back_populates="jobs")
     result: Mapped[Result | None] = relationship(back_populates="job")
     events: Mapped[list[JobEvent]] = relationship(back_populates="job", order_by="JobEvent.id")
+    exports: Mapped[list[ExportOutcome]] = relationship(back_populates="job", order_by="ExportOutcome.id")
 
 
 class JobEventKind:
@@ -176,6 +177,35 @@ class JobEvent(Base):
     actor: Mapped[str | None] = mapped_column(String(200))
 
     job: Mapped[Job] = relationship(back_populates="events")
+
+
+class ExportStatus:
+    """Values of ``ExportOutcome.status``."""
+
+    OK = "ok"
+    FAILED = "failed"
+    #: The plugin did not return within ``plugins.timeout_seconds``.
+    TIMEOUT = "timeout"
+
+
+class ExportOutcome(Base):
+    """What one export plugin did in one attempt of a job: its record, or its error."""
+
+    __tablename__ = "export_outcomes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int]
+    plugin: Mapped[str] = mapped_column(String(200))
+    #: One of :class:`ExportStatus`.
+    status: Mapped[str] = mapped_column(String(16))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    #: What the plugin returned (its ``kind``, files, summary), when it succeeded.
+    record: Mapped[dict[str, Any] | None]
+    at: Mapped[datetime]
+
+    job: Mapped[Job] = relationship(back_populates="exports")
 
 
 class Result(Base):
