@@ -24,7 +24,9 @@ setup() {
     echo "==> installing torch and torchvision (pinned, first)"
     "${pip[@]}" install torch==2.14.1 torchvision==0.29.1
     echo "==> installing cellseg1d and its bundled plugins"
-    "${pip[@]}" install -e '.[test]' -e plugins/cellseg1d-measurements
+    local plugin_args=()
+    for project in plugins/*/pyproject.toml; do plugin_args+=(-e "$(dirname "$project")"); done
+    "${pip[@]}" install -e '.[test]' "${plugin_args[@]}"
 }
 
 case "$task" in
