@@ -33,7 +33,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-__all__ = ["PipelineRun", "SyntheticImage", "run_pipeline", "write_synthetic_image"]
+from cellseg1d.hookspecs import hookimpl
+
+__all__ = ["FixedSegmenter", "PipelineRun", "SyntheticImage", "run_pipeline", "write_synthetic_image"]
 
 KINDS = ("2d", "zstack", "timelapse", "plate")
 
@@ -94,6 +96,26 @@ def write_synthetic_image(folder: Path, kind: str = "2d", ngff_version: str = "0
     else:
         write_ome_zarr(path, data[0], axes="czyx", **kwargs)
     return SyntheticImage(path, path, kind, ngff_version, planes, names, (path,), pixel_size)
+
+
+class FixedSegmenter:
+    """A segmenter plugin answering every plane with the same ``(Y, X)`` label image.
+
+    For testing an export against labels of a known shape (holes, pieces,
+    cells at the border, an empty plane): ``run_pipeline(image,
+    plugins=[FixedSegmenter(labels)], enable=["my-export"])``.
+    """
+
+    __name__ = "fixed-segmenter"
+
+    def __init__(self, labels: np.ndarray) -> None:
+        self.labels = np.asarray(labels)
+
+    @hookimpl
+    def segment(self, plane: np.ndarray, request: Any) -> Any:
+        from cellseg1d.types import Segmentation
+
+        return Segmentation(labels=self.labels.copy(), segmenter="fixed")
 
 
 @dataclass

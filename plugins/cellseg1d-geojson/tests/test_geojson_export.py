@@ -15,23 +15,10 @@ from cellseg1d_geojson import Settings, default_color, plane_features, repair
 from cellseg1d_geojson.outline import trace_outlines
 from scipy import ndimage as ndi
 
-from cellseg1d.hookspecs import hookimpl
-from cellseg1d.types import Segmentation
+from cellseg1d.testing import FixedSegmenter
 
 KEYS = {"objectType", "label", "area_px", "t", "z", "name"}
 
-
-class FixedSegmenter:
-    """A segmenter answering every plane with the same label image."""
-
-    __name__ = "fixed-segmenter"
-
-    def __init__(self, labels: np.ndarray):
-        self.labels = labels
-
-    @hookimpl
-    def segment(self, plane, request):
-        return Segmentation(labels=self.labels.copy(), segmenter="fixed")
 
 
 def _geometry(feature: dict) -> shapely.Geometry:

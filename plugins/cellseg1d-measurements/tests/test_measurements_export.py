@@ -26,7 +26,7 @@ from cellseg1d_measurements import (
 
 from cellseg1d.errors import PluginError
 from cellseg1d.hookspecs import hookimpl
-from cellseg1d.types import Segmentation
+from cellseg1d.testing import FixedSegmenter
 
 PIXEL = 0.65  # the kit's pixel size, micrometres
 STATS = ("mean", "max", "min", "integrated")
@@ -45,18 +45,6 @@ class PlaneSpy:
         for t, z in labels.planes:
             self.planes[(t, z)] = np.array(context.read_image_plane(t, z))
 
-
-class FixedSegmenter:
-    """A segmenter answering every plane with the same label image."""
-
-    __name__ = "fixed-segmenter"
-
-    def __init__(self, labels: np.ndarray):
-        self.labels = labels
-
-    @hookimpl
-    def segment(self, plane, request):
-        return Segmentation(labels=self.labels.copy(), segmenter="fixed")
 
 
 def _tables(run) -> tuple[pa.Table, pa.Table]:
