@@ -8,6 +8,7 @@ cannot be allocated by torch's CPU allocator.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -55,9 +56,22 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
+def run_script() -> subprocess.CompletedProcess[str]:
+    # One malloc arena: fewer address-space reservations by threads, so the limit set in the script
+    # is met by torch's allocator (which raises) rather than by a thread's arena.
+    env = {**os.environ, "MALLOC_ARENA_MAX": "1"}
+    return subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=env)
+
+
 @pytest.mark.slow
 def test_out_of_memory_retries_with_smaller_batches() -> None:
-    out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = run_script()
+    if out.returncode < 0:
+        # Killed by a signal: native code outside torch (seen once in about ten runs: SIGSEGV) met the
+        # address-space limit with an unchecked allocation. That is the artificial limit, not the retry
+        # logic under test: run it once more, with the same strict checks below.
+        out = run_script()
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["retries"] >= 2, result
