@@ -5,23 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from cellseg1d.hookspecs import hookimpl
+from cellseg1d.ngff.discover import folders_up_to
 from cellseg1d.ngff.reader import read_group_attributes
 from cellseg1d.errors import ImageError
 from cellseg1d.types import ReadinessQuery
 
 
-def _folders_up_to(image_path: Path, container: Path) -> list[Path]:
-    folders = [image_path]
-    current = image_path
-    while current != container and container in current.parents:
-        current = current.parent
-        folders.append(current)
-    return folders
-
-
 def has_completion_marker(image_path: Path, container: Path, attributes: list[str], sentinels: list[str]) -> bool:
     """Whether the image or a group above it (up to the container) carries a completion marker."""
-    for folder in _folders_up_to(image_path, container):
+    for folder in folders_up_to(image_path, container):
         if any((folder / name).exists() for name in sentinels):
             return True
         try:

@@ -59,6 +59,18 @@ def link_on_the_way(path: Path, root: Path) -> Path | None:
     return None
 
 
+def folders_up_to(image_path: Path, container: Path) -> list[Path]:
+    """The image folder and every folder above it up to the container, the container included."""
+    folders = [image_path]
+    current = image_path
+    while current != container and container in current.parents:
+        current = current.parent
+        folders.append(current)
+    if container not in folders:
+        folders.append(container)
+    return folders
+
+
 def find_containers(root: Path, suffixes: Sequence[str]) -> Iterator[Path]:
     """Every container under ``root``; does not descend into containers or follow links."""
     stack = [root]

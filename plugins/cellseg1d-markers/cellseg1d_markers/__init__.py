@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from cellseg1d.hookspecs import hookimpl
+from cellseg1d.ngff.discover import folders_up_to
 from cellseg1d.ngff.reader import read_group_attributes
 
 #: The cellseg1d plugin API version this plugin was written for.
@@ -274,18 +275,6 @@ def attribute_state(attrs: Any, markers: Iterable[Marker]) -> str | None:
     if IN_PROGRESS in states:
         return IN_PROGRESS
     return COMPLETE if COMPLETE in states else None
-
-
-def folders_up_to(image_path: Path, container: Path) -> list[Path]:
-    """The image folder and every folder above it up to (and with) the container."""
-    folders = [image_path]
-    current = image_path
-    while current != container and container in current.parents:
-        current = current.parent
-        folders.append(current)
-    if container not in folders:
-        folders.append(container)
-    return folders
 
 
 def _group_attributes(folder: Path) -> Any:
