@@ -67,7 +67,8 @@ def _open_catalog(config: Config) -> Any:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from cellseg1d.daemon import Daemon, configure_logging
+    from cellseg1d.daemon import Daemon
+    from cellseg1d.logs import configure_logging
 
     config = _config_for(args)
     configure_logging(config.log_level, config.log_format)

@@ -40,7 +40,6 @@ from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
 from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue, held_jobs, release_held, run_key, run_key_prefix
 from cellseg1d.logs import RepeatLimiter, log_context
-from cellseg1d.logs import configure_logging as configure_logging
 from cellseg1d.ngff.discover import container_of
 from cellseg1d.ngff.reader import open_image
 from cellseg1d.pipeline import Pipeline
