@@ -18,7 +18,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cellseg1d.errors import ConfigError
 
@@ -254,6 +261,71 @@ class PluginSettings(_Section):
     timeout_seconds: float = Field(300.0, gt=0)
 
 
+class PathMap(_Section):
+    """One shared-storage prefix as the daemon sees it and as the Dask workers see it."""
+
+    #: The prefix on this machine, e.g. ``"/mnt/scope1"``.
+    daemon: Path
+    #: The same folder on the workers, e.g. ``"/data/scopes/scope1"``.
+    worker: Path
+
+    @field_validator("daemon", "worker")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError(f"{value} is not an absolute path")
+        return value
+
+
+class ExecutorSettings(_Section):
+    """Where planes are segmented: in this process ("local") or on a Dask cluster ("dask")."""
+
+    #: "local": the daemon's worker threads segment; "dask": planes are sent to the cluster at ``scheduler``.
+    kind: Literal["local", "dask"] = "local"
+    #: The Dask scheduler, e.g. ``"tcp://gpu-server:8786"`` (kind = "dask").
+    scheduler: str | None = None
+    #: How long to wait for the scheduler at start (and for each reconnection attempt).
+    connect_timeout_seconds: float = Field(10.0, gt=0)
+    #: Planes larger than this (pixels per side) are split into overlapping blocks, segmented
+    #: on their own (on different workers with "dask") and stitched into one label image.
+    block_size: int = Field(4096, ge=64)
+    #: Blocks overlap by at least this many pixels: at least twice the largest cell diameter.
+    block_overlap: int = Field(256, ge=0)
+    #: At most this many plane or block tasks of one job are in flight at once (bounds memory).
+    max_tasks_in_flight: int = Field(32, ge=1)
+    #: Paths as the workers see them: each image, adapter and checkpoint path under ``daemon``
+    #: is sent as the same path under ``worker``. Empty: the same paths everywhere.
+    path_map: list[PathMap] = Field(default_factory=list)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _check_scheduler(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if "://" not in value:
+            raise ValueError(f"{value!r} is not a scheduler address; write it as 'tcp://HOST:PORT'")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ExecutorSettings:
+        if self.kind == "dask" and self.scheduler is None:
+            raise ValueError("kind = 'dask' needs scheduler = 'tcp://HOST:PORT' (the address 'dask scheduler' prints)")
+        if self.block_overlap * 2 >= self.block_size:
+            raise ValueError(f"block_overlap ({self.block_overlap}) must be less than half of block_size "
+                             f"({self.block_size})")
+        return self
+
+    def to_worker(self, path: Path) -> Path:
+        """``path`` as the workers see it (the longest matching ``path_map`` prefix replaced)."""
+        best: PathMap | None = None
+        for item in self.path_map:
+            if path == item.daemon or item.daemon in path.parents:
+                if best is None or len(item.daemon.parts) > len(best.daemon.parts):
+                    best = item
+        return path if best is None else best.worker / path.relative_to(best.daemon)
+
+
 class MetricsSettings(_Section):
     """The Prometheus ``/metrics`` and ``/healthz`` HTTP endpoint (off by default)."""
 
@@ -309,6 +381,7 @@ class Config(_Section):
     jobs: JobSettings = Field(default_factory=JobSettings)
     plugins: PluginSettings = Field(default_factory=PluginSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     #: Settings for third-party plugins, one table per plugin name; passed as-is.
     plugin_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
 

@@ -37,8 +37,23 @@ from cellseg1d import __version__
 from cellseg1d.catalog import Adapter, JobState
 from cellseg1d.catalog.db import open_catalog, redact
 from cellseg1d.config import Config, WatchRoot
-from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
-from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue, held_jobs, release_held, run_key, run_key_prefix
+from cellseg1d.errors import (
+    CellsegError,
+    ConfigError,
+    ImageError,
+    JobAborted,
+    PluginError,
+)
+from cellseg1d.executor import ExecutorError, make_executor
+from cellseg1d.jobs import (
+    ClaimedJob,
+    ImageFacts,
+    JobQueue,
+    held_jobs,
+    release_held,
+    run_key,
+    run_key_prefix,
+)
 from cellseg1d.logs import RepeatLimiter, log_context
 from cellseg1d.ngff.discover import container_of
 from cellseg1d.ngff.reader import open_image
@@ -174,6 +189,9 @@ class Daemon:
                     "no segmenter: every plugin implementing 'segment' is disabled. Remove "
                     "'classical' from plugins.disable or enable a model plugin in plugins.enable"
                 )
+            #: Where planes are segmented: here, or on the Dask cluster (connected now: a clear error if down).
+            self.executor = make_executor(config, self.pm)
+            self.executor.start()
         except BaseException:
             if hasattr(self, "catalog"):
                 self.catalog.close()
@@ -184,7 +202,7 @@ class Daemon:
             self.catalog, f"{self.node_id}#{os.getpid()}", config.jobs.lease_seconds,
             config.jobs.max_attempts, config.jobs.retry_backoff_seconds,
         )
-        self.pipeline = Pipeline(config, self.pm)
+        self.pipeline = Pipeline(config, self.pm, self.executor)
         #: Whether the built-in SAM segmenter runs (adapters, experiments' routes apply).
         self.sam_enabled = config.sam.checkpoint is not None and self.pm.has_plugin("sam")
         self.roots = config.watch.roots
@@ -333,6 +351,7 @@ class Daemon:
                 w.join(timeout=0.5)
         if self.metrics_server is not None:
             self.metrics_server.stop()
+        self.executor.close()
         self.catalog.close()
         self.lock.release()
         self.notifier.close()
@@ -365,7 +384,8 @@ class Daemon:
         from cellseg1d.service.telemetry import catalog_health
 
         since = time.monotonic() - self.last_tick
-        info: dict[str, Any] = {"scheduler_last_tick_seconds": round(since, 3), "running": len(self._active)}
+        info: dict[str, Any] = {"scheduler_last_tick_seconds": round(since, 3), "running": len(self._active),
+                                "executor": self.executor.status()}
         if since > self.config.metrics.stale_after_seconds:
             return False, {**info, "reason": f"scheduler loop has not run for {since:.0f} s"}
         ok, why = catalog_health(self.catalog)
@@ -374,7 +394,8 @@ class Daemon:
         return True, info
 
     #: Settings read only at start; a reload that changes them says so and keeps the running values.
-    RESTART_ONLY = ("state_dir", "catalog", "sam", "adapters", "plugins", "metrics", "log_format", "jobs.workers")
+    RESTART_ONLY = ("state_dir", "catalog", "sam", "adapters", "plugins", "metrics", "log_format", "jobs.workers",
+                    "executor.kind", "executor.scheduler", "executor.path_map", "executor.connect_timeout_seconds")
 
     def reload(self) -> bool:
         """Re-read the config (SIGHUP, ``systemctl reload``) without dropping or repeating work.
@@ -398,7 +419,7 @@ class Daemon:
             self.notifier.ready(self._status_line())
             return False
         self.config = new
-        self.pipeline = Pipeline(new, self.pm)
+        self.pipeline = Pipeline(new, self.pm, self.executor)
         self.queue.lease = timedelta(seconds=new.jobs.lease_seconds)
         self.queue.max_attempts = new.jobs.max_attempts
         self.queue.backoff = new.jobs.retry_backoff_seconds
@@ -422,7 +443,7 @@ class Daemon:
             if field:
                 if getattr(before, field) != getattr(after, field):
                     changed.append(key)
-                    update[section] = after.model_copy(update={field: getattr(before, field)})
+                    update[section] = update.get(section, after).model_copy(update={field: getattr(before, field)})
             elif before != after:
                 changed.append(key)
                 update[section] = before
@@ -673,6 +694,9 @@ class Daemon:
     def _worker_loop(self) -> None:
         last_adapter: int | None = None
         while not self.stop_event.is_set():
+            if not self.executor.available():  # the Dask scheduler is away: claim nothing, wait for it
+                self.stop_event.wait(1.0)
+                continue
             self.work_event.clear()  # before claiming, so a wake-up during the claim is not lost
             try:
                 job = self.catalog.retry(self.queue.claim, prefer_adapter=last_adapter, until=self.stop_event)
@@ -733,6 +757,8 @@ class Daemon:
         except PluginError as err:
             return self._failed(job, str(err), permanent=not err.transient, plugin=err.plugin,
                                 exports=_export_rows(err))
+        except ExecutorError as err:  # a worker died, the scheduler went away: retried with backoff
+            return self._failed(job, str(err), permanent=False, plugin=None)
         except Exception as err:
             log.debug("job %d traceback:\n%s", job.job_id, traceback.format_exc())
             return self._failed(job, f"{type(err).__name__}: {err}", permanent=False, plugin=None)

@@ -39,7 +39,13 @@ import pluggy
 if TYPE_CHECKING:
     import numpy as np
 
-    from cellseg1d.types import ExportContext, LabelsView, ReadinessQuery, SegmentRequest, Segmentation
+    from cellseg1d.types import (
+        ExportContext,
+        LabelsView,
+        ReadinessQuery,
+        Segmentation,
+        SegmentRequest,
+    )
 
 PROJECT = "cellseg1d"
 

@@ -25,14 +25,16 @@ import pluggy
 from cellseg1d import PIPELINE_VERSION, __version__
 from cellseg1d import experiments as experiment_rules
 from cellseg1d.config import Config, WatchRoot
-from cellseg1d.errors import ImageError, JobAborted, PluginError
-from cellseg1d.exports import run_exports
+from cellseg1d.errors import ImageError, PluginError
+from cellseg1d.executor import Executor, SegmentTask, make_executor, plane_regions
 from cellseg1d.experiments import DEFAULT_EXPERIMENT
+from cellseg1d.exports import run_exports
 from cellseg1d.ngff.labels import LabelsTarget, StagedLabels
 from cellseg1d.ngff.names import check_output_name
 from cellseg1d.ngff.reader import OmeImage, open_image
-from cellseg1d.plugins import plugin_at_fault
-from cellseg1d.types import AdapterRef, ExportContext, LabelsView, SegmentRequest, Segmentation
+from cellseg1d.plugins import call_hook
+from cellseg1d.stitch import stitch
+from cellseg1d.types import AdapterRef, ExportContext, LabelsView
 
 log = logging.getLogger(__name__)
 EXPORTS_SUFFIX = ".cellseg1d"
@@ -99,12 +101,14 @@ def labels_name_for(config: Config, adapter: AdapterRef | None) -> str:
 
 
 def build_provenance(config: Config, experiment: str, segmenter: str, details: dict[str, Any],
-                     channels: tuple[str, ...], fingerprint: str) -> dict[str, Any]:
-    """What produced a label image: experiment, adapter, base model, settings and versions.
+                     channels: tuple[str, ...], fingerprint: str,
+                     executor: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What produced a label image: experiment, adapter, base model, settings, versions, executor.
 
     Adapter and base model come from the segmenter's ``details`` (what it really
     used: ``adapter`` = {name, version, sha256}, ``model_type``,
-    ``checkpoint_sha256``, ``settings``); None when it used none.
+    ``checkpoint_sha256``, ``settings``); None when it used none. ``executor``:
+    its kind (and scheduler), the blocks per plane and the worker(s) of each plane.
     """
     settings = details.get("settings") or details.get("params") or {}
     base = None
@@ -116,7 +120,7 @@ def build_provenance(config: Config, experiment: str, segmenter: str, details: d
         "settings": {"segmenter": settings, "channels": list(channels),
                      "labels_name": config.segmentation.labels_name,
                      "versioned_labels": config.segmentation.versioned_labels},
-        "channels": list(channels), "source_fingerprint": fingerprint,
+        "channels": list(channels), "source_fingerprint": fingerprint, "executor": executor,
     }
 
 
@@ -127,36 +131,6 @@ def pixel_size(image: OmeImage) -> tuple[float, float] | None:
         if isinstance(scale, list) and len(scale) == len(image.axes):
             return float(scale[image.axes.index("y")]), float(scale[image.axes.index("x")])
     return None
-
-
-def _call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
-    try:
-        return getattr(pm.hook, name)(**kwargs)
-    except (ImageError, JobAborted):
-        raise
-    except OSError as err:
-        plugin = plugin_at_fault(pm, name, err)
-        if plugin is None:
-            raise  # storage trouble in cellseg1d itself: transient, retried
-        raise PluginError(plugin, name, f"{type(err).__name__}: {err}", transient=True) from err
-    except Exception as err:
-        plugin = plugin_at_fault(pm, name, err) or "unknown"
-        raise PluginError(plugin, name, f"{type(err).__name__}: {err}") from err
-
-
-def _check_labels(seg: Any, shape: tuple[int, int]) -> np.ndarray:
-    if not isinstance(seg, Segmentation):
-        raise PluginError("unknown", "segment", f"returned {type(seg).__name__}, expected Segmentation")
-    labels = np.asarray(seg.labels)
-    if labels.shape != shape or labels.dtype.kind not in "ui":
-        raise PluginError(
-            seg.segmenter, "segment",
-            f"returned labels of shape {labels.shape} and dtype {labels.dtype}; "
-            f"expected an integer array of shape {shape}",
-        )
-    if labels.size and labels.min() < 0:
-        raise PluginError(seg.segmenter, "segment", "returned negative label values")
-    return labels
 
 
 def relabel_sequential(labels: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
@@ -187,16 +161,18 @@ def relabel_sequential(labels: np.ndarray, offset: int) -> tuple[np.ndarray, int
 class Pipeline:
     """Processes images with one plugin manager and config (shared by worker threads)."""
 
-    def __init__(self, config: Config, pm: pluggy.PluginManager) -> None:
+    def __init__(self, config: Config, pm: pluggy.PluginManager, executor: Executor | None = None) -> None:
         self.config = config
         self.pm = pm
+        #: Where planes are segmented (``[executor]``; the caller starts and closes it).
+        self.executor = executor if executor is not None else make_executor(config, pm)
         if not pm.has_plugin(experiment_rules.PLUGIN_NAME):
             # The config's experiment rules answer after every plugin (trylast).
             pm.register(experiment_rules, name=experiment_rules.PLUGIN_NAME)
 
     def experiment_for(self, image: OmeImage, root: WatchRoot) -> str:
         """The image's experiment: plugins, then the root's rules, else ``"default"``."""
-        name = _call_hook(self.pm, "resolve_experiment", image=image, root=root)
+        name = call_hook(self.pm, "resolve_experiment", image=image, root=root)
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise PluginError("unknown", "resolve_experiment", f"returned {name!r}; expected a non-empty str or None")
         return name.strip() if name else DEFAULT_EXPERIMENT
@@ -244,40 +220,53 @@ class Pipeline:
             n_objects = 0
             planes = list(image.planes())
             yx_shape = (image.size("y"), image.size("x"))
-            for done, (t, z) in enumerate(planes):
-                if should_abort():
-                    raise JobAborted(f"stopped before plane t={t} z={z} of {image_path}")
-                t0 = time.perf_counter()
-                plane = image.read_plane(t, z, channels)
-                t1 = time.perf_counter()
-                request = SegmentRequest(
-                    image_path=image_path, experiment=experiment, t=t, z=z, channels=channel_names,
-                    pixel_size=pixel_size(image), config=self.config, adapter=adapter, fallback=fallback,
+            settings = self.config.executor
+            regions = plane_regions(yx_shape, settings.block_size, settings.block_overlap)
+            fingerprint, pixels = image.fingerprint, pixel_size(image)
+            tasks = [
+                SegmentTask(
+                    image_path=image_path, fingerprint=fingerprint, t=t, z=z, channels=tuple(channels),
+                    channel_names=channel_names, region=region, plane_shape=yx_shape, experiment=experiment,
+                    adapter=adapter, fallback=fallback, pixel_size=pixels, config=self.config,
                 )
-                seg = _call_hook(self.pm, "segment", plane=plane, request=request)
-                if seg is None:
-                    raise PluginError(
-                        "none", "segment",
-                        "no segmenter answered; enable the built-in 'classical' plugin or a model plugin",
-                    )
-                labels = _check_labels(seg, yx_shape)
-                # Object ids are unique across all planes of the image.
-                labels, n = relabel_sequential(labels, n_objects)
-                n_objects += n
-                segmenters.add(seg.segmenter)
-                details = details or dict(seg.details)
-                t2 = time.perf_counter()
-                staged.write_plane(t, z, labels)
-                t3 = time.perf_counter()
-                timings["read"] += t1 - t0
-                timings["segment"] += t2 - t1
-                timings["write"] += t3 - t2
-                if on_plane:
-                    on_plane(done + 1, len(planes))
+                for t, z in planes for region in regions
+            ]
+            plane_workers: list[dict[str, Any]] = []
+            results = self.executor.map(tasks, image, should_abort)
+            try:
+                for done, (t, z) in enumerate(planes):
+                    parts = [next(results) for _ in regions]
+                    t1 = time.perf_counter()
+                    if len(parts) == 1:
+                        labels = np.asarray(parts[0].labels)
+                    else:
+                        labels = stitch([(r[0], r[1], p.labels) for r, p in zip(regions, parts, strict=True)],
+                                        yx_shape, settings.block_overlap)
+                    # Object ids are unique across all planes of the image.
+                    labels, n = relabel_sequential(labels, n_objects)
+                    n_objects += n
+                    for part in parts:
+                        segmenters.add(part.segmenter)
+                    details = details or dict(parts[0].details)
+                    t2 = time.perf_counter()
+                    staged.write_plane(t, z, labels)
+                    t3 = time.perf_counter()
+                    timings["read"] += sum(p.read_seconds for p in parts)
+                    timings["segment"] += sum(p.segment_seconds for p in parts)
+                    timings["stitch"] = timings.get("stitch", 0.0) + (t2 - t1)
+                    timings["write"] += t3 - t2
+                    plane_workers.append({"t": t, "z": z, "workers": sorted({p.worker for p in parts})})
+                    if on_plane:
+                        on_plane(done + 1, len(planes))
+            finally:
+                results.close()  # an error: the tasks still on the cluster are cancelled
+            executor = {**self.executor.describe(), "blocks_per_plane": len(regions), "planes": plane_workers}
+            if len(regions) > 1:
+                executor.update(block_size=settings.block_size, block_overlap=settings.block_overlap)
             segmenter = ",".join(sorted(segmenters))
             t4 = time.perf_counter()
             provenance = build_provenance(self.config, experiment, segmenter, details, channel_names,
-                                          image.fingerprint)
+                                          fingerprint, executor)
             staged.finish(n_objects, provenance=provenance)
             timings["pyramid"] = time.perf_counter() - t4
             view = LabelsView(staged.read_plane, planes, n_objects)

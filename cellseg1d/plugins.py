@@ -13,7 +13,7 @@ from typing import Any
 import pluggy
 
 from cellseg1d import hookspecs
-from cellseg1d.errors import ConfigError
+from cellseg1d.errors import ConfigError, ImageError, JobAborted, PluginError
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -202,3 +202,24 @@ def plugin_at_fault(pm: pluggy.PluginManager, hook_name: str, exc: BaseException
 def plugin_names(pm: pluggy.PluginManager) -> list[str]:
     """Names of the registered plugins."""
     return sorted(name for name, _ in pm.list_name_plugin())
+
+
+def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
+    """Call hook ``name``; whatever a plugin raises becomes a :class:`PluginError` naming it.
+
+    ImageError and JobAborted pass through; an OSError raised by a plugin is a
+    transient PluginError (storage trouble: retried), one raised by
+    cellseg1d itself passes through as it is.
+    """
+    try:
+        return getattr(pm.hook, name)(**kwargs)
+    except (ImageError, JobAborted):
+        raise
+    except OSError as err:
+        plugin = plugin_at_fault(pm, name, err)
+        if plugin is None:
+            raise  # storage trouble in cellseg1d itself: transient, retried
+        raise PluginError(plugin, name, f"{type(err).__name__}: {err}", transient=True) from err
+    except Exception as err:
+        plugin = plugin_at_fault(pm, name, err) or "unknown"
+        raise PluginError(plugin, name, f"{type(err).__name__}: {err}") from err

@@ -1,4 +1,4 @@
-"""Tiling and stitching (cellseg1d.model.tiling) on synthetic label images, plus one tiny-SAM run."""
+"""Tiling and stitching (cellseg1d.stitch, cellseg1d.model.tiling) on synthetic label images, plus one tiny-SAM run."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from scipy import ndimage
 
 from cellseg1d.metrics import average_precision
 from cellseg1d.model.postprocess import relabel_sequential
-from cellseg1d.model.tiling import segment_large, stitch, tile_boxes, tile_starts
+from cellseg1d.model.tiling import segment_large
+from cellseg1d.stitch import stitch, tile_boxes, tile_starts
 from cellseg1d.synthetic import make_cells
 
 SHAPE = (300, 260)

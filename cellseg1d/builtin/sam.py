@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cellseg1d.hookspecs import hookimpl
-from cellseg1d.types import AdapterRef, SegmentRequest, Segmentation
+from cellseg1d.types import AdapterRef, Segmentation, SegmentRequest
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +208,27 @@ def settings_record(settings: Any) -> dict[str, Any]:
     return record
 
 
+def _on_dask_worker() -> bool:
+    """True inside a ``dask worker`` process (where the model is wanted)."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+    except (ImportError, ValueError):
+        return False
+    return True
+
+
 @hookimpl
 def configure(config: Any) -> None:
-    """Load the base model (and the default adapter) at start, so that a bad file stops the daemon."""
+    """Load the base model (and the default adapter) at start, so that a bad file stops the daemon.
+
+    With ``executor.kind = "dask"`` the daemon segments nothing itself: each
+    Dask worker loads the model on its first task instead.
+    """
+    executor = getattr(config, "executor", None)
+    if executor is not None and executor.kind != "local" and not _on_dask_worker():
+        return
     if config.sam.checkpoint is not None:
         base = HOLDER.base(config.sam)
         if config.sam.adapter is not None:

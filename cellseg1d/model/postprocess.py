@@ -24,9 +24,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from scipy import ndimage
-from skimage.measure import label as label_regions
 
 from cellseg1d.model.nms import mask_boxes
+from cellseg1d.stitch import keep_largest_regions, relabel_sequential
 
 #: Masks stacked per ``ndimage.label`` call.
 GROUP_SIZE = 64
@@ -156,38 +156,6 @@ def largest_component(masks: np.ndarray, boxes: np.ndarray | None = None) -> np.
         keep[0] = False
         _unstack(out, boxes, idx, keep[labels])
     return out
-
-
-def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    """Renumber the non-zero labels to 1..N in increasing order of their old values (uint32)."""
-    labels = np.asarray(labels)
-    values = np.unique(labels)
-    values = values[values != 0]
-    if values.size == 0:
-        return np.zeros(labels.shape, dtype=np.uint32)
-    lut = np.zeros(int(values.max()) + 1, dtype=np.uint32)
-    lut[values] = np.arange(1, values.size + 1, dtype=np.uint32)
-    return lut[labels]
-
-
-def keep_largest_regions(labels: np.ndarray) -> np.ndarray:
-    """Each label of (H, W) ``labels`` reduced to its largest 4-connected region (others become 0)."""
-    labels = np.asarray(labels)
-    regions = label_regions(labels, background=0, connectivity=1)  # equal-valued connected regions
-    n = int(regions.max())
-    if n == 0:
-        return labels.copy()
-    sizes = np.bincount(regions.ravel(), minlength=n + 1)
-    owner = np.zeros(n + 1, dtype=np.int64)
-    owner[regions.ravel()] = labels.ravel()
-    ids = np.arange(1, n + 1)
-    # the largest region of every owner (lowest region id on ties)
-    order = np.lexsort((ids, -sizes[ids], owner[ids]))
-    first = np.ones(order.size, dtype=bool)
-    first[1:] = owner[ids][order][1:] != owner[ids][order][:-1]
-    keep = np.zeros(n + 1, dtype=bool)
-    keep[ids[order][first]] = True
-    return np.where(keep[regions], labels, 0).astype(labels.dtype, copy=False)
 
 
 def paint_labels(masks: np.ndarray, shape: tuple[int, int] | None = None) -> np.ndarray:

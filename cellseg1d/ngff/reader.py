@@ -249,9 +249,18 @@ class OmeImage:
         level = self.levels[0]
         return count_missing_chunks(level.array, self.path / level.path)
 
-    def read_plane(self, t: int, z: int, channels: Sequence[int]) -> np.ndarray:
-        """Read one full-resolution plane as a ``(C, Y, X)`` array of the stored dtype."""
+    def read_plane(self, t: int, z: int, channels: Sequence[int],
+                   region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+        """Read one full-resolution plane as a ``(C, Y, X)`` array of the stored dtype.
+
+        ``region`` = ``(y0, x0, y1, x1)`` (exclusive ends) reads only that
+        window of the plane (a block segmented on its own).
+        """
         level = self.levels[0]
+        spans: dict[str, slice] = {}
+        if region is not None:
+            y0, x0, y1, x1 = region
+            spans = {"y": slice(y0, y1), "x": slice(x0, x1)}
         selection: list[Any] = []
         kept: list[str] = []
         for axis in self.axes:
@@ -263,7 +272,7 @@ class OmeImage:
                 selection.append(list(channels))
                 kept.append("c")
             else:
-                selection.append(slice(None))
+                selection.append(spans.get(axis, slice(None)))
                 kept.append(axis)
         # A chunk file that is missing reads as the fill value: a deleted image would
         # silently read as empty planes, so check it is still there first.
