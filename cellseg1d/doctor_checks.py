@@ -831,6 +831,51 @@ def check_plugins(ctx: Context) -> list[Check]:
     return checks
 
 
+def check_executor(ctx: Context) -> list[Check]:
+    """With executor.kind = "dask": the scheduler answers, has workers, and each worker runs this version
+    of cellseg1d and sees the watched folders and model files (at their executor.path_map paths)."""
+    config = ctx.config
+    settings = config.executor
+    if settings.kind == "local":
+        return [Check("executor", OK, "local: planes are segmented by the daemon itself")]
+    from cellseg1d import __version__
+    from cellseg1d.executor.dask import worker_config
+    from cellseg1d.executor.worker import probe
+
+    details: dict[str, Any] = {"scheduler": settings.scheduler}
+    try:
+        from distributed import Client
+
+        client = Client(settings.scheduler, timeout=settings.connect_timeout_seconds, set_as_default=False)
+    except Exception as err:  # noqa: BLE001 - any failure to connect is the finding
+        return [Check("executor", FAIL, f"executor.scheduler: no Dask scheduler answers at {settings.scheduler} "
+                      f"({type(err).__name__}: {err})", "start 'dask scheduler' on the server (docs/dask.md) or "
+                      "correct executor.scheduler; the daemon refuses to start until it answers", details)]
+    try:
+        mapped = worker_config(config)
+        wanted = [str(settings.to_worker(r.path)) for r in config.watch.roots]
+        wanted += [str(p) for p in (mapped.sam.checkpoint, mapped.sam.adapter) if p is not None]
+        answers = client.run(probe, wanted)
+    finally:
+        client.close()
+    details["workers"] = answers
+    if not answers:
+        return [Check("executor", WARN, f"the Dask scheduler {settings.scheduler} has no workers: jobs wait",
+                      f"start workers: 'dask worker {settings.scheduler} --nthreads 1' on each GPU", details)]
+    problems: list[tuple[str, str, str]] = []
+    for address, info in sorted(answers.items()):
+        if info["version"] != __version__:
+            problems.append((FAIL, f"worker {address} runs cellseg1d {info['version']}, this is {__version__}",
+                             "install the same cellseg1d version on the workers"))
+        if info["missing"]:
+            problems.append((FAIL, f"worker {address} ({info['host']}) does not see {', '.join(info['missing'])}",
+                             "mount the shared storage on the workers at these paths, or map them with "
+                             "[[executor.path_map]] daemon = ... worker = ..."))
+    gpus = sum(int(info.get("cuda_devices") or 0) for info in answers.values())
+    return [_merge("executor", problems, f"Dask scheduler {settings.scheduler}: {len(answers)} worker(s), "
+                   f"{gpus} CUDA device(s) among them, all see the watched folders and model files", details)]
+
+
 # -- running them all ------------------------------------------------------------------------------------
 
 #: Check groups after the config, in order: (name for a crashed check's row, function of this module,
@@ -847,6 +892,7 @@ CHECKS = (
     ("adapters", "check_assigned_adapters"),
     ("device", "check_device"),
     ("plugins", "check_plugins"),
+    ("executor", "check_executor"),
 )
 
 

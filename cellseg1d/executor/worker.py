@@ -170,3 +170,16 @@ def segment_on_worker(task: SegmentTask) -> TaskResult:
             _FALLBACK.setup(worker)
         plugin = _FALLBACK
     return plugin.run(task)
+
+
+def probe(paths: list[str]) -> dict[str, Any]:
+    """What ``cellseg1d doctor`` asks every worker: version, which of ``paths`` it sees, its GPUs."""
+    import importlib.util
+
+    info: dict[str, Any] = {"version": _version(), "host": socket.gethostname(),
+                            "missing": [p for p in paths if not os.path.exists(p)]}
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        info["cuda_devices"] = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return info

@@ -195,6 +195,8 @@ class _CatalogCollector(Collector):
             GaugeMetricFamily("cellseg1d_catalog_up", ""),
             GaugeMetricFamily("cellseg1d_healthy", ""),
             GaugeMetricFamily("cellseg1d_scheduler_last_tick_seconds", ""),
+            GaugeMetricFamily("cellseg1d_executor_up", "", labels=["kind"]),
+            GaugeMetricFamily("cellseg1d_executor_workers", ""),
             GaugeMetricFamily("cellseg1d_gpu_memory_bytes", "", labels=["device", "kind"]),
         ]
 
@@ -227,6 +229,15 @@ class _CatalogCollector(Collector):
             if isinstance(tick, (int, float)):
                 yield GaugeMetricFamily("cellseg1d_scheduler_last_tick_seconds",
                                         "Seconds since the scheduler loop last ran", value=float(tick))
+            executor = answer[1].get("executor")
+            if isinstance(executor, dict):
+                up = GaugeMetricFamily("cellseg1d_executor_up", "1 when the executor can run tasks (the Dask "
+                                       "scheduler is connected, or kind local), else 0", labels=["kind"])
+                up.add_metric([str(executor.get("kind"))], 1 if executor.get("available") else 0)
+                yield up
+                if "workers" in executor:
+                    yield GaugeMetricFamily("cellseg1d_executor_workers", "Workers of the Dask scheduler",
+                                            value=float(executor["workers"]))
         yield GaugeMetricFamily("cellseg1d_healthy", "1 when /healthz would answer 200, else 0",
                                 value=1 if healthy else 0)
         yield from _gpu_memory()
