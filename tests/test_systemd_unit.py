@@ -437,3 +437,31 @@ exec {_find_systemd()} --system --unit=basic.target --log-target=console --log-l
     assert stopped.returncode == 0, stopped.stderr + log()
     assert (sd.show("Result"), sd.show("ExecMainStatus")) == ("success", "0"), log()
     assert "stopped" in sd.run("cat /run/cellseg1d-test.log").stdout
+
+
+# ----------------------------------------------------------------- the Dask units (deploy/dask)
+
+DASK_UNITS = {"cellseg1d-dask-scheduler.service": "cellseg1d-dask-scheduler.service",
+              "cellseg1d-dask-worker@.service": "cellseg1d-dask-worker@0.service"}
+
+
+@needs_analyze
+@pytest.mark.parametrize("shipped", sorted(DASK_UNITS))
+def test_dask_units_verify_cleanly_and_start_the_dask_commands(tmp_path: Path, shipped: str) -> None:
+    """The scheduler and worker units: no finding from verify, their ExecStart is this venv's `dask`."""
+    dask = Path(sys.executable).parent / "dask"
+    assert dask.is_file(), f"{dask} missing: is distributed installed in this venv?"
+    text = (DEPLOY / "dask" / shipped).read_text(encoding="utf-8")
+    assert "/opt/cellseg1d/.venv/bin/dask " in text
+    path = tmp_path / DASK_UNITS[shipped]  # a template is verified as one of its instances
+    path.write_text(text.replace("/opt/cellseg1d/.venv/bin/dask", str(dask)), encoding="utf-8")
+    proc = analyze("verify", str(path))
+    assert proc.returncode == 0 and not (proc.stdout + proc.stderr).strip(), proc.stdout + proc.stderr
+    exec_start = setting(parse_unit(text), "Service", "ExecStart") or ""
+    command = "scheduler" if "scheduler" in shipped else "worker"
+    assert exec_start.split()[1] == command, exec_start
+    if command == "worker":
+        assert "--nthreads 1" in exec_start and "CUDA_VISIBLE_DEVICES=%i" in text
+    score = analyze("security", "--offline=true", str(path))
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", score.stdout + score.stderr)
+    assert found and float(found.group(1)) <= 3.0, score.stdout[-400:]
