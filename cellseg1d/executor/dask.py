@@ -74,7 +74,7 @@ class DaskExecutor:
         self._lock = threading.Lock()
         self._next_attempt = 0.0
         self._down_logged = False
-        self._configs: dict[int, Config] = {}
+        self._mapped: tuple[Config, Config] | None = None
 
     # -- connection -------------------------------------------------------------
 
@@ -178,9 +178,10 @@ class DaskExecutor:
 
     def _for_workers(self, task: SegmentTask) -> SegmentTask:
         settings = self.settings
-        config = self._configs.get(id(task.config))
-        if config is None:
-            config = self._configs[id(task.config)] = worker_config(task.config)
+        mapped = self._mapped  # (the daemon's config, as sent): one entry, replaced at a reload
+        if mapped is None or mapped[0] is not task.config:
+            mapped = self._mapped = (task.config, worker_config(task.config))
+        config = mapped[1]
         adapter = task.adapter
         if adapter is not None and settings.path_map:
             adapter = dataclasses.replace(adapter, path=settings.to_worker(adapter.path))
