@@ -114,7 +114,7 @@ class DaskCluster:
         try:
             with Client(self.address, timeout=5, set_as_default=False) as client:
                 return dict(client.scheduler_info(n_workers=-1)["workers"])
-        except Exception:
+        except Exception:  # noqa: BLE001  (not up, or going away: no workers)
             return {}
 
     def worker_addresses(self) -> dict[str, str]:
@@ -123,15 +123,15 @@ class DaskCluster:
 
     def wait_workers(self, n: int, timeout: float = 60) -> dict[str, str]:
         """Wait until exactly ``n`` workers are connected; returns address -> name."""
-        def ready() -> dict[str, str] | None:
+        def ready() -> tuple[dict[str, str]] | None:
             alive = [name for name, proc in self.workers.items() if proc.poll() is None]
             if len(alive) < n:
                 raise AssertionError(f"only {len(alive)} Dask worker processes run ({alive}); {n} expected")
             found = self.worker_addresses()
-            return found if len(found) == n else None
+            return (found,) if len(found) == n else None  # (a tuple: {} is an answer too)
 
         try:
-            return wait_for(ready, timeout, 0.3, f"{n} Dask workers to join {self.address}")
+            return wait_for(ready, timeout, 0.3, f"{n} Dask workers to join {self.address}")[0]
         except AssertionError as err:
             raise AssertionError(f"{err}\n{self.logs()}") from None
 

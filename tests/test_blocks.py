@@ -173,7 +173,7 @@ def test_blocked_run_finds_the_same_cells_once_and_uncut(image: Path, truth: np.
     assert whole.provenance["executor"]["kind"] == "local"
     assert whole.provenance["executor"]["blocks_per_plane"] == 1
     executor = blocked.provenance["executor"]
-    assert executor["kind"] == "local" and executor["blocks_per_plane"] == 9 > 1
+    assert executor["kind"] == "local" and executor["blocks_per_plane"] == 9
     assert executor["block_size"] == BLOCK and executor["block_overlap"] == OVERLAP
     assert [(p["t"], p["z"]) for p in executor["planes"]] == [(0, 0)]
     assert len(executor["planes"][0]["workers"]) == 1 and executor["planes"][0]["workers"][0].startswith("local:")
@@ -206,7 +206,7 @@ def test_blocked_run_on_a_dask_cluster_matches_the_unblocked_one(image: Path, tr
     from cellseg1d.executor.dask import DaskExecutor
 
     cluster = dask_cluster(2)
-    whole, whole_labels = run(image, {"block_size": 4096}, "unblocked")
+    whole, _ = run(image, {"block_size": 4096}, "unblocked")
     settings = {"kind": "dask", "scheduler": cluster.address, "connect_timeout_seconds": 10,
                 "block_size": BLOCK, "block_overlap": OVERLAP}
     config = build_config({"state_dir": str(image.parent / ".state"), "executor": settings})

@@ -75,6 +75,9 @@ class DaskExecutor:
         self._next_attempt = 0.0
         self._down_logged = False
         self._mapped: tuple[Config, Config] | None = None
+        # A lost scheduler is reported here, once; the client's own tracebacks (one per lost
+        # connection, another when its reconnection gives up) would only repeat it.
+        logging.getLogger("distributed.client").setLevel(logging.CRITICAL)
 
     # -- connection -------------------------------------------------------------
 
@@ -118,9 +121,6 @@ class DaskExecutor:
     def available(self) -> bool:
         """Whether the scheduler is reachable; reconnects (every few seconds) when it is not."""
         if self._connected() is not None:
-            if self._down_logged:
-                log.warning("executor: Dask scheduler %s is reachable again; work resumes", self.address)
-                self._down_logged = False
             return True
         with self._lock:
             if self._connected() is not None:
@@ -143,6 +143,9 @@ class DaskExecutor:
                               "every %.0f s", self.address, type(err).__name__, err, RECONNECT_SECONDS)
                     self._down_logged = True
                 return False
+            if self._down_logged:
+                log.warning("executor: Dask scheduler %s is reachable again; work resumes", self.address)
+                self._down_logged = False
         return True
 
     def workers(self) -> dict[str, dict[str, Any]]:
