@@ -1,5 +1,9 @@
 """Run one image through the hooks: experiment -> segment every plane -> exports -> publish labels.
 
+Planes are segmented through the executor (``[executor]``: in this thread,
+or on a Dask cluster), one task per plane, or per block of a plane larger
+than ``executor.block_size``; blocks are stitched here (:mod:`cellseg1d.stitch`).
+
 The worker passes the experiment and adapter the job was queued with (the
 scheduler resolved them); without them (``cellseg1d segment``) the
 experiment is resolved here.

@@ -321,3 +321,25 @@ def test_path_map_workers_read_the_image_at_their_own_path(tmp_path: Path, make_
     with pytest.raises(ExecutorError, match="cannot see"):
         run([{"daemon": str(daemon_view), "worker": str(tmp_path / "nowhere")}], "nowhere")
     assert not (image / "labels" / "nowhere").exists()
+
+
+def test_doctor_checks_the_scheduler_its_workers_and_their_view_of_the_paths(tmp_path: Path, dask_cluster) -> None:
+    from cellseg1d.config import build_config
+    from cellseg1d.doctor_checks import FAIL, OK, Context, check_executor
+
+    cluster = dask_cluster(1)
+    root = tmp_path / "acq"
+    root.mkdir()
+
+    def row(**executor: Any) -> Any:
+        config = build_config({"state_dir": str(tmp_path / "state"), "watch": {"roots": [{"path": str(root)}]},
+                               "executor": {"kind": "dask", "connect_timeout_seconds": 2, **executor}})
+        [check] = check_executor(Context(config))
+        return check
+
+    good = row(scheduler=cluster.address)
+    assert good.status == OK and "1 worker(s)" in good.message, good
+    mapped = row(scheduler=cluster.address, path_map=[{"daemon": str(root), "worker": "/nowhere/acq"}])
+    assert mapped.status == FAIL and "does not see /nowhere/acq" in mapped.message and "path_map" in mapped.fix
+    down = row(scheduler=f"tcp://127.0.0.1:{free_port()}")
+    assert down.status == FAIL and "no Dask scheduler answers" in down.message
