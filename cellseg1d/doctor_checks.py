@@ -859,6 +859,8 @@ def check_executor(ctx: Context) -> list[Check]:
         mapped = worker_config(config)
         wanted = [str(settings.to_worker(r.path)) for r in config.watch.roots]
         wanted += [str(p) for p in (mapped.sam.checkpoint, mapped.sam.adapter) if p is not None]
+        if config.sam.checkpoint is not None and config.adapter_store.exists():
+            wanted.append(str(settings.to_worker(config.adapter_store)))  # registered adapters are read there
         answers = client.run(probe, wanted)
     finally:
         client.close()

@@ -93,6 +93,11 @@ def configured_base(config: Config) -> BaseModel | None:
     if checkpoint is None:
         return None
     if not checkpoint.is_file():
+        if config.executor.kind != "local":
+            log.warning("sam.checkpoint %s is not on this machine (executor.kind = %r: it is the workers' "
+                        "file); adapters are checked against it when a worker loads them", checkpoint,
+                        config.executor.kind)
+            return None
         raise RegistryError(f"setting sam.checkpoint: {checkpoint} does not exist; correct the path")
     return BaseModel(config.sam.model_type, sha256_of(checkpoint), f"sam.checkpoint ({checkpoint})")
 

@@ -145,3 +145,16 @@ def test_executor_metrics_follow_the_health_answer(tmp_path: Path) -> None:
         assert 'cellseg1d_executor_up{kind="dask"} 1.0' in text and "cellseg1d_executor_workers 3.0" in text
     finally:
         catalog.close()
+
+
+def test_adapters_are_registered_on_a_pc_without_the_workers_checkpoint(tmp_path: Path, caplog) -> None:
+    from cellseg1d.registry import RegistryError, configured_base
+
+    sam = {"checkpoint": str(tmp_path / "on-the-workers" / "sam_vit_b.pth")}
+    local = build_config({"state_dir": str(tmp_path / "s"), "sam": sam})
+    with pytest.raises(RegistryError, match="sam.checkpoint: .* does not exist"):
+        configured_base(local)
+    dask = build_config({"state_dir": str(tmp_path / "s"), "sam": sam,
+                         "executor": {"kind": "dask", "scheduler": "tcp://gpu:8786"}})
+    assert configured_base(dask) is None
+    assert "it is the workers' file" in caplog.text
