@@ -21,7 +21,14 @@ import zarr
 
 from cellseg1d.metrics import average_precision
 from tests.dask_cluster import dask_cluster, free_port  # noqa: F401  (fixture)
-from tests.helpers import REPO, catalog_rows, done_images, jobs_for, wait_for
+from tests.helpers import (
+    REPO,
+    catalog_rows,
+    done_images,
+    image_status,
+    jobs_for,
+    wait_for,
+)
 from tests.test_plugin_contract import install_fake_dist
 
 pytestmark = pytest.mark.slow
@@ -127,6 +134,35 @@ def test_daemon_segments_two_roots_on_a_two_worker_cluster(tmp_path: Path, make_
     assert dict(catalog_rows(state, "SELECT state, count(*) FROM jobs GROUP BY state")) == {"done": 6}
     assert catalog_rows(state, "SELECT count(*) FROM results") == [(6,)]
     assert daemon.stop() == 0, daemon.log()[-3000:]
+
+
+def test_two_microscope_pcs_with_different_settings_share_the_workers(tmp_path: Path, make_image, daemons,
+                                                                      dask_cluster) -> None:  # noqa: F811
+    """Two daemons (two state dirs, two roots, two configs) on one cluster: each image once, in its own
+    catalog, segmented with its own daemon's settings (the workers keep one plugin manager per config)."""
+    cluster = dask_cluster(2)
+    pcs = []
+    for name, min_size in (("pc1", 20), ("pc2", 10_000)):  # pc2's minimum cell size removes every cell
+        root = (tmp_path / name / "acquisition").resolve()
+        root.mkdir(parents=True)
+        state = tmp_path / name / "state"
+        config = write_config(tmp_path / name, state, [root], {"kind": "dask", "scheduler": cluster.address},
+                              f"[classical]\nmin_size = {min_size}\n")
+        pcs.append((root, state, daemons(state, "--config", str(config))))
+    for root, _, _ in pcs:
+        for i in range(2):
+            make_image(root / f"img{i}.zarr", seed=20 + i)
+    for root, state, daemon in pcs:
+        images = {str(root / f"img{i}.zarr") for i in range(2)}
+        wait_for(lambda: done_images(state) >= images, 90, 0.25, f"{root}'s images done")  # noqa: B023
+        assert set(image_status(state)) == images  # each catalog holds its own PC's images only
+        for image in images:
+            done_once(state, Path(image))
+    counts = {name: sorted(r[0]["object_count"] for r in results_by_image(state).values())
+              for name, (_, state, _) in zip(("pc1", "pc2"), pcs, strict=True)}
+    assert min(counts["pc1"]) > 0 and counts["pc2"] == [0, 0], counts
+    for _, _, daemon in pcs:
+        assert daemon.stop() == 0, daemon.log()[-3000:]
 
 
 def test_worker_killed_mid_task_the_other_worker_finishes_it(tmp_path: Path, make_image, daemons,
@@ -323,7 +359,8 @@ def test_path_map_workers_read_the_image_at_their_own_path(tmp_path: Path, make_
     assert not (image / "labels" / "nowhere").exists()
 
 
-def test_doctor_checks_the_scheduler_its_workers_and_their_view_of_the_paths(tmp_path: Path, dask_cluster) -> None:
+def test_doctor_checks_the_scheduler_its_workers_and_their_view_of_the_paths(tmp_path: Path,
+                                                                             dask_cluster) -> None:  # noqa: F811
     from cellseg1d.config import build_config
     from cellseg1d.doctor_checks import FAIL, OK, Context, check_executor
 
