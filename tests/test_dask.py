@@ -29,6 +29,7 @@ from tests.helpers import (
     jobs_for,
     wait_for,
 )
+from tests.test_adapters_daemon import models  # noqa: F401  (fixture)
 from tests.test_plugin_contract import install_fake_dist
 
 pytestmark = pytest.mark.slow
@@ -380,3 +381,62 @@ def test_doctor_checks_the_scheduler_its_workers_and_their_view_of_the_paths(tmp
     assert mapped.status == FAIL and "does not see /nowhere/acq" in mapped.message and "path_map" in mapped.fix
     down = row(scheduler=f"tcp://127.0.0.1:{free_port()}")
     assert down.status == FAIL and "no Dask scheduler answers" in down.message
+
+
+def test_sam_loads_once_per_worker_and_switches_adapters_there(tmp_path: Path, dask_cluster,  # noqa: F811
+                                                               models) -> None:  # noqa: F811
+    """Tasks carry the adapter version, never the model: the worker loads the tiny SAM once (checksum
+    checked), switches adapters on it, and its labels equal SAM run here with the same adapter."""
+    from cellseg1d.builtin import sam as sam_plugin
+    from cellseg1d.catalog import Catalog
+    from cellseg1d.config import build_config
+    from cellseg1d.executor.dask import DaskExecutor
+    from cellseg1d.pipeline import Pipeline
+    from cellseg1d.plugins import build_plugin_manager
+    from cellseg1d.registry import BaseModel, Registry, adapter_ref, sha256_of
+    from tests.test_adapters_daemon import (
+        SAM,
+        expected_labels,
+        read_labels,
+        same_labels,
+        write_cells,
+    )
+
+    cluster = dask_cluster(1)
+    acquisition = (tmp_path / "acquisition").resolve()
+    acquisition.mkdir()
+    config = build_config({
+        "state_dir": str(tmp_path / "state"), "watch": {"roots": [{"path": str(acquisition)}]},
+        "sam": {"checkpoint": str(models["checkpoint"]), **SAM},
+        "executor": {"kind": "dask", "scheduler": cluster.address},
+    })
+    catalog = Catalog(config.catalog_url)
+    catalog.migrate()
+    registry = Registry(catalog, config.adapter_store, BaseModel("tiny", sha256_of(models["checkpoint"])))
+    refs = {name: adapter_ref(registry.add(models[name])) for name in ("alpha", "beta")}
+    sam_plugin.HOLDER.reset()
+    pm = build_plugin_manager()
+    pm.hook.configure(config=config)
+    assert sam_plugin.HOLDER.loads == 0  # the daemon loads no model with the dask executor
+    executor = DaskExecutor(config)
+    executor.start()
+    try:
+        pipeline = Pipeline(config, pm, executor)
+        root = config.watch.roots[0]
+        for i, name in enumerate(("alpha", "beta", "alpha")):
+            image, plane, _ = write_cells(acquisition / f"{i}-{name}.zarr", seed=40 + i)
+            result = pipeline.run(image, root, image, experiment=f"exp-{name}", adapter=refs[name])
+            labels, _ = read_labels(image)
+            assert same_labels(labels[0], expected_labels(models, name, plane)), (name, result.object_count)
+            assert result.provenance["adapter"] == refs[name].provenance()
+            assert result.provenance["base_model"]["sha256"] == sha256_of(models["checkpoint"])
+            assert result.provenance["executor"]["planes"][0]["workers"] == list(cluster.worker_addresses())
+        from distributed import Client
+
+        with Client(cluster.address, set_as_default=False) as client:
+            on_worker = client.run(lambda: (sam_plugin.HOLDER.loads, sam_plugin.HOLDER.adapter_changes()))
+        assert list(on_worker.values()) == [(1, 2)], on_worker  # one load; alpha -> beta -> alpha
+        assert sam_plugin.HOLDER.loads == 0
+    finally:
+        executor.close()
+        catalog.close()
