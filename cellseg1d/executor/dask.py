@@ -200,11 +200,12 @@ class DaskExecutor:
         if client is None:
             raise ExecutorUnavailable(f"the Dask scheduler {self.address} is unreachable; the job waits for it")
         pending = deque(enumerate(self._for_workers(t) for t in tasks))
+        window = tasks[0].config.executor.max_tasks_in_flight if tasks else 1  # reloadable
         batch = uuid.uuid4().hex[:12]
         in_flight: deque[tuple[SegmentTask, Any]] = deque()
         try:
             while pending or in_flight:
-                while pending and len(in_flight) < self.settings.max_tasks_in_flight:
+                while pending and len(in_flight) < window:
                     index, task = pending.popleft()
                     try:
                         future = client.submit(segment_on_worker, task, key=f"cellseg1d-{batch}-{index}", pure=False)
