@@ -26,7 +26,6 @@ from cellseg1d.errors import ConfigError
 from cellseg1d.executor import plane_regions
 from cellseg1d.pipeline import Pipeline
 from cellseg1d.plugins import build_plugin_manager
-from cellseg1d.stitch import tile_boxes
 from cellseg1d.synthetic import to_uint16, write_ome_zarr
 from tests.dask_cluster import dask_cluster  # noqa: F401  (fixture)
 
@@ -232,14 +231,22 @@ def test_blocked_run_on_a_dask_cluster_matches_the_unblocked_one(image: Path, tr
 def test_plane_regions_is_the_whole_plane_when_it_fits() -> None:
     assert plane_regions((300, 200), 4096, 256) == [(0, 0, 300, 200)]
     assert plane_regions((128, 128), 128, 48) == [(0, 0, 128, 128)]  # exactly one block
-    assert plane_regions((129, 100), 128, 48) == tile_boxes((129, 100), 128, 48)
-    regions = plane_regions((SIZE, 200), BLOCK, OVERLAP)
-    assert len(regions) > 1
-    covered = np.zeros((SIZE, 200), int)
-    for y0, x0, y1, x1 in regions:
-        assert y1 - y0 <= BLOCK and x1 - x0 <= BLOCK
-        covered[y0:y1, x0:x1] += 1
-    assert covered.min() >= 1
+    # One pixel too tall: two equal blocks overlapping by at least 48, not a 128 block and a sliver.
+    assert plane_regions((129, 100), 128, 48) == [(0, 0, 89, 100), (40, 0, 129, 100)]
+    # 8192 px in blocks of at most 4096 overlapping >= 256: 3 equal blocks of 2902 (not 3 of 4096).
+    assert plane_regions((8192, 100), 4096, 256) == [(0, 0, 2902, 100), (2645, 0, 5547, 100),
+                                                     (5290, 0, 8192, 100)]
+    for shape, block, overlap in [((SIZE, 200), BLOCK, OVERLAP), ((1000, 333), 100, 30), ((517, 4099), 512, 0)]:
+        regions = plane_regions(shape, block, overlap)
+        assert len(regions) > 1
+        covered = np.zeros(shape, int)
+        for y0, x0, y1, x1 in regions:
+            assert y1 - y0 <= block and x1 - x0 <= block
+            covered[y0:y1, x0:x1] += 1
+        assert covered.min() >= 1
+        ys = sorted({r[0] for r in regions})
+        height = regions[0][2] - regions[0][0]
+        assert all(a + height - b >= overlap for a, b in zip(ys, ys[1:]))  # neighbours overlap enough
 
 
 def _executor(**settings: Any) -> Any:

@@ -13,6 +13,7 @@ objects and stages, publishes and commits exactly as before.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
@@ -27,11 +28,10 @@ from cellseg1d.executor.tasks import (
     TaskError,
     TaskResult,
 )
-from cellseg1d.stitch import tile_boxes
 
 __all__ = [
     "Executor", "ExecutorError", "ExecutorUnavailable", "Region", "SegmentTask", "TaskError", "TaskResult",
-    "make_executor", "plane_regions",
+    "block_starts", "make_executor", "plane_regions",
 ]
 
 
@@ -71,9 +71,18 @@ def make_executor(config: Config, pm: pluggy.PluginManager) -> Executor:
     return LocalExecutor(pm)
 
 
+def block_starts(length: int, block_size: int, overlap: int) -> tuple[list[int], int]:
+    """Starts and size of the fewest equal blocks of at most ``block_size`` that cover ``length`` with
+    neighbours overlapping by at least ``overlap`` (equal blocks: no more pixels segmented than needed)."""
+    if length <= block_size:
+        return [0], length
+    n = math.ceil((length - overlap) / (block_size - overlap))
+    size = math.ceil((length + (n - 1) * overlap) / n)  # <= block_size, since n * (block - overlap) >= length - overlap
+    return [round(i * (length - size) / (n - 1)) for i in range(n)], size
+
+
 def plane_regions(shape: tuple[int, int], block_size: int, overlap: int) -> list[Region]:
-    """The blocks of a plane: the whole plane when it fits in ``block_size``, else overlapping blocks."""
-    height, width = shape
-    if height <= block_size and width <= block_size:
-        return [(0, 0, height, width)]
-    return tile_boxes(shape, block_size, overlap)
+    """The blocks of a plane, row by row: the whole plane when it fits in ``block_size``, else overlapping
+    blocks of equal size (at most ``block_size``) overlapping by at least ``overlap``."""
+    (ys, h), (xs, w) = block_starts(shape[0], block_size, overlap), block_starts(shape[1], block_size, overlap)
+    return [(y0, x0, y0 + h, x0 + w) for y0 in ys for x0 in xs]
