@@ -159,38 +159,19 @@ def stitch(
     """Merge the label images of overlapping tiles into one (H, W) uint32 label image (see module doc)."""
     height, width = int(shape[0]), int(shape[1])
     out = np.zeros((height, width), dtype=np.uint32)
-    cover = np.zeros((height, width), dtype=np.uint8)  # how many tiles see each pixel
-    for index, (y0, x0, labels) in enumerate(tiles):
-        h, w = np.shape(labels)
-        if y0 < 0 or x0 < 0 or y0 + h > height or x0 + w > width:
-            raise ValueError(f"tile {index} at ({y0}, {x0}) of size {(h, w)} is outside {shape}")
-        cover[y0:y0 + h, x0:x0 + w] += 1
     placed_area = [0]  # placed_area[label]
     per_tile = []
-    for y0, x0, labels in tiles:
+    for index, (y0, x0, labels) in enumerate(tiles):
         labels = relabel_sequential(np.asarray(labels))
+        if y0 < 0 or x0 < 0 or y0 + labels.shape[0] > height or x0 + labels.shape[1] > width:
+            raise ValueError(f"tile {index} at ({y0}, {x0}) of size {labels.shape} is outside {shape}")
         objects = _tile_objects(int(y0), int(x0), labels, (height, width), overlap)
-        if objects["ids"].size:
-            # Objects no other tile sees a pixel of cannot be duplicates or collide: placed at once.
-            # (Same result as the ranked placement below, which would place them whole.)
-            shared = cover[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]] > 1
-            touches = np.bincount(labels[shared], minlength=int(labels.max()) + 1) > 0
-            alone = ~touches[objects["ids"]]
-            if alone.any():
-                lut = np.zeros(int(labels.max()) + 1, dtype=np.uint32)
-                lut[objects["ids"][alone]] = np.arange(len(placed_area), len(placed_area) + int(alone.sum()),
-                                                       dtype=np.uint32)
-                painted = lut[labels]
-                window = out[y0:y0 + labels.shape[0], x0:x0 + labels.shape[1]]
-                np.copyto(window, painted, where=painted > 0)
-                placed_area.extend(int(a) for a in objects["areas"][alone])
-                objects = {key: value[~alone] for key, value in objects.items()}
         per_tile.append((labels, objects))
 
     # One row per object: (tile, position in tile); ranked by the rule.
     rows = [(t, k) for t, (_, obj) in enumerate(per_tile) for k in range(obj["ids"].size)]
     if not rows:
-        return relabel_sequential(keep_largest_regions(out))
+        return out
     tile_idx = np.array([t for t, _ in rows])
     in_core = np.array([per_tile[t][1]["in_core"][k] for t, k in rows])
     depth = np.array([per_tile[t][1]["depth"][k] for t, k in rows])
