@@ -37,6 +37,7 @@ from cellseg1d.ngff.labels import LabelsTarget, StagedLabels
 from cellseg1d.ngff.names import check_output_name
 from cellseg1d.ngff.reader import OmeImage, open_image
 from cellseg1d.plugins import call_hook
+from cellseg1d.stitch import relabel_sequential as renumber
 from cellseg1d.stitch import stitch
 from cellseg1d.types import AdapterRef, ExportContext, LabelsView
 
@@ -139,27 +140,11 @@ def pixel_size(image: OmeImage) -> tuple[float, float] | None:
 
 def relabel_sequential(labels: np.ndarray, offset: int) -> tuple[np.ndarray, int]:
     """Map the non-zero values of ``labels`` to ``offset+1 .. offset+n``; return (labels, n)."""
-    top = int(labels.max()) if labels.size else 0
-    if top == 0:
-        return np.zeros(labels.shape, np.uint32), 0
-    if top <= 4 * labels.size:
-        # Look-up table from bincount: linear time, no sort of every pixel.
-        present = np.bincount(labels.ravel(), minlength=top + 1)[1:] > 0
-        n = int(present.sum())
-        if n == top:  # already 1..N (most segmenters): just shift
-            out = labels.astype(np.uint32)
-            if offset:
-                out[out > 0] += np.uint32(offset)
-            return out, n
-        lut = np.zeros(top + 1, np.uint32)
-        lut[1:][present] = np.arange(offset + 1, offset + n + 1, dtype=np.uint32)
-        return lut[labels], n
-    values = np.unique(labels)
-    values = values[values != 0]
-    out = np.zeros(labels.shape, np.uint32)
-    mask = labels != 0
-    out[mask] = (np.searchsorted(values, labels[mask]) + 1 + offset).astype(np.uint32)
-    return out, int(values.size)
+    out = renumber(labels)
+    n = int(out.max()) if out.size else 0
+    if offset and n:
+        out[out > 0] += np.uint32(offset)
+    return out, n
 
 
 class Pipeline:

@@ -47,21 +47,27 @@ Tile = tuple[int, int, np.ndarray]
 
 
 def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    """Renumber the non-zero labels to 1..N in increasing order of their old values (uint32)."""
+    """Renumber the non-zero labels to 1..N in increasing order of their old values (uint32).
+
+    Linear time (a look-up table from ``bincount``) when the values are dense; sparse or huge
+    values (a plugin's hashes) go through ``unique`` and ``searchsorted``, never a giant table.
+    """
     labels = np.asarray(labels)
     top = int(labels.max()) if labels.size else 0
-    if top == 0:
+    if top <= 0:
         return np.zeros(labels.shape, dtype=np.uint32)
     if labels.dtype.kind in "ui" and top <= 4 * labels.size:
-        present = np.bincount(labels.ravel(), minlength=top + 1) > 0  # linear time, no sort
+        present = np.bincount(labels.ravel(), minlength=top + 1) > 0
         present[0] = False
-        values = np.flatnonzero(present)
-    else:
-        values = np.unique(labels)
-        values = values[values != 0]
-    lut = np.zeros(top + 1, dtype=np.uint32)
-    lut[values] = np.arange(1, values.size + 1, dtype=np.uint32)
-    return lut[labels]
+        lut = np.zeros(top + 1, dtype=np.uint32)
+        lut[present] = np.arange(1, int(present.sum()) + 1, dtype=np.uint32)
+        return lut[labels]
+    values = np.unique(labels)
+    values = values[values != 0]
+    out = np.zeros(labels.shape, dtype=np.uint32)
+    mask = labels != 0
+    out[mask] = (np.searchsorted(values, labels[mask]) + 1).astype(np.uint32)
+    return out
 
 
 def keep_largest_regions(labels: np.ndarray) -> np.ndarray:

@@ -142,3 +142,13 @@ def test_segment_large_runs_tiles_and_matches_stitch(one_torch_thread):
     assert np.array_equal(labels, stitch(tiles, rgb.shape, 32))
     small = segment_large(sam, rgb[:100, :120], settings, tile=128, overlap=32)
     assert np.array_equal(small, segment_image(sam, rgb[:100, :120], settings))
+
+
+def test_stitch_takes_sparse_huge_label_values() -> None:
+    """A plugin may label with hashes: renumbering must not build a table as large as the largest value."""
+    truth = _truth()
+    tiles = [(y0, x0, np.where(crop > 0, crop.astype(np.uint64) * (2**40 + 7), 0))
+             for y0, x0, crop in _cut_tiles(truth, np.random.default_rng(5))]
+    out = stitch(tiles, truth.shape, OVERLAP)
+    assert out.dtype == np.uint32 and int(out.max()) == int(truth.max())
+    assert average_precision(out, truth, thresholds=(0.9,))[0].ap == 1.0
