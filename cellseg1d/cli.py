@@ -291,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from cellseg1d.commands import adapters as adapters_cmd
     from cellseg1d.commands import doctor as doctor_cmd
-    from cellseg1d.commands import jobs as jobs_cmd
     from cellseg1d.commands import plugins as plugins_cmd
+    from cellseg1d.commands import jobs as jobs_cmd
     from cellseg1d.commands import reprocess as reprocess_cmd
 
     adapters_cmd.add_parser(sub, _add_catalog_options)

@@ -37,23 +37,9 @@ from cellseg1d import __version__
 from cellseg1d.catalog import Adapter, JobState
 from cellseg1d.catalog.db import open_catalog, redact
 from cellseg1d.config import Config, WatchRoot
-from cellseg1d.errors import (
-    CellsegError,
-    ConfigError,
-    ImageError,
-    JobAborted,
-    PluginError,
-)
+from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
 from cellseg1d.executor import ExecutorError, make_executor
-from cellseg1d.jobs import (
-    ClaimedJob,
-    ImageFacts,
-    JobQueue,
-    held_jobs,
-    release_held,
-    run_key,
-    run_key_prefix,
-)
+from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue, held_jobs, release_held, run_key, run_key_prefix
 from cellseg1d.logs import RepeatLimiter, log_context
 from cellseg1d.ngff.discover import container_of
 from cellseg1d.ngff.reader import open_image

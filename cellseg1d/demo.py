@@ -381,13 +381,7 @@ def _prepare_workdir(workdir: Path | None) -> tuple[Path, bool]:
 def _progress_loop(console: Any, microscope: Microscope, daemon: DaemonProcess, images: list[DemoImage],
                    state: Path, timeout: float) -> tuple[dict[str, dict[str, Any]], str | None]:
     """Show progress until every image is done or failed; returns (catalog rows, problem)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     n = len(images)
     paths = {str(img.path) for img in images}

@@ -39,13 +39,7 @@ import pluggy
 if TYPE_CHECKING:
     import numpy as np
 
-    from cellseg1d.types import (
-        ExportContext,
-        LabelsView,
-        ReadinessQuery,
-        Segmentation,
-        SegmentRequest,
-    )
+    from cellseg1d.types import ExportContext, LabelsView, ReadinessQuery, SegmentRequest, Segmentation
 
 PROJECT = "cellseg1d"
 

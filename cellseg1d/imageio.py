@@ -7,8 +7,8 @@ images as ``(Y, X)`` integer arrays (0 is background).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 

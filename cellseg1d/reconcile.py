@@ -38,16 +38,7 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from cellseg1d.catalog import (
-    Adapter,
-    Catalog,
-    Image,
-    Job,
-    JobEventKind,
-    JobState,
-    Result,
-    utcnow,
-)
+from cellseg1d.catalog import Adapter, Catalog, Image, Job, JobEventKind, JobState, Result, utcnow
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import ImageError
 from cellseg1d.jobs import add_event, requeue_done

@@ -28,16 +28,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from cellseg1d.catalog import (
-    Adapter,
-    Assignment,
-    Catalog,
-    Experiment,
-    Job,
-    JobState,
-    Result,
-    utcnow,
-)
+from cellseg1d.catalog import Adapter, Assignment, Catalog, Experiment, Job, JobState, Result, utcnow
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import CellsegError
 from cellseg1d.jobs import HELD_TAG, held_jobs, release_held

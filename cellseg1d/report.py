@@ -25,17 +25,7 @@ from rich.table import Table
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from cellseg1d.catalog import (
-    Adapter,
-    Assignment,
-    Catalog,
-    Experiment,
-    Image,
-    Job,
-    JobState,
-    Result,
-    utcnow,
-)
+from cellseg1d.catalog import Adapter, Assignment, Catalog, Experiment, Image, Job, JobState, Result, utcnow
 
 #: Every job state, in the order of the state machine (status and metrics list them all, 0 included).
 JOB_STATES = (JobState.HELD, JobState.QUEUED, JobState.RUNNING, JobState.FAILED, JobState.QUARANTINED,

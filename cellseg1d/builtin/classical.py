@@ -8,7 +8,7 @@ import numpy as np
 
 from cellseg1d.hookspecs import hookimpl
 from cellseg1d.segmenters.classical import ClassicalParams, segment_classical
-from cellseg1d.types import Segmentation, SegmentRequest
+from cellseg1d.types import SegmentRequest, Segmentation
 
 NAME = "classical"
 

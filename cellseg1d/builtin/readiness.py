@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cellseg1d.errors import ImageError
 from cellseg1d.hookspecs import hookimpl
 from cellseg1d.ngff.discover import folders_up_to
 from cellseg1d.ngff.reader import read_group_attributes
+from cellseg1d.errors import ImageError
 from cellseg1d.types import ReadinessQuery
 
 

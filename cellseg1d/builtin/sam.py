@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from cellseg1d.hookspecs import hookimpl
-from cellseg1d.types import AdapterRef, Segmentation, SegmentRequest
+from cellseg1d.types import AdapterRef, SegmentRequest, Segmentation
 
 log = logging.getLogger(__name__)
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table

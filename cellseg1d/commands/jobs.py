@@ -22,14 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cellseg1d.catalog import Catalog
-from cellseg1d.jobs import (
-    JobView,
-    Outcome,
-    quarantined_jobs,
-    release_quarantined,
-    retry_now,
-    waiting_for_retry,
-)
+from cellseg1d.jobs import Outcome, JobView, quarantined_jobs, release_quarantined, retry_now, waiting_for_retry
 
 
 def _actor(command: str) -> str:

@@ -20,14 +20,7 @@ from typing import Any, Protocol
 import pluggy
 
 from cellseg1d.config import Config
-from cellseg1d.executor.tasks import (
-    ExecutorError,
-    ExecutorUnavailable,
-    Region,
-    SegmentTask,
-    TaskError,
-    TaskResult,
-)
+from cellseg1d.executor.tasks import ExecutorError, ExecutorUnavailable, Region, SegmentTask, TaskError, TaskResult
 
 __all__ = [
     "Executor", "ExecutorError", "ExecutorUnavailable", "Region", "SegmentTask", "TaskError", "TaskResult",

@@ -36,12 +36,7 @@ from typing import Any
 
 from cellseg1d.config import Config, ExecutorSettings
 from cellseg1d.errors import ConfigError, JobAborted
-from cellseg1d.executor.tasks import (
-    ExecutorError,
-    ExecutorUnavailable,
-    SegmentTask,
-    TaskResult,
-)
+from cellseg1d.executor.tasks import ExecutorError, ExecutorUnavailable, SegmentTask, TaskResult
 
 log = logging.getLogger("cellseg1d.executor")
 #: Seconds between reconnection attempts while the scheduler is unreachable.

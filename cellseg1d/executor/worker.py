@@ -35,14 +35,7 @@ import pluggy
 from distributed import WorkerPlugin, get_worker
 
 from cellseg1d.errors import CellsegError, ConfigError
-from cellseg1d.executor.tasks import (
-    ExecutorError,
-    SegmentTask,
-    TaskError,
-    TaskResult,
-    compact,
-    run_task,
-)
+from cellseg1d.executor.tasks import ExecutorError, SegmentTask, TaskError, TaskResult, compact, run_task
 
 log = logging.getLogger("cellseg1d.worker")
 PLUGIN_NAME = "cellseg1d"

@@ -19,12 +19,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from cellseg1d.errors import CellsegError
-from cellseg1d.model.sam import (
-    DEFAULT_IMAGE_SIZE,
-    build_sam,
-    get_spec,
-    resize_state_dict,
-)
+from cellseg1d.model.sam import DEFAULT_IMAGE_SIZE, build_sam, get_spec, resize_state_dict
 
 _HASH_CHUNK = 8 * 1024 * 1024
 

@@ -17,21 +17,9 @@ import urllib.request
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from cellseg1d.model.checkpoint import (
-    OFFICIAL,
-    CheckpointError,
-    OfficialCheckpoint,
-    sha256_file,
-)
+from cellseg1d.model.checkpoint import OFFICIAL, CheckpointError, OfficialCheckpoint, sha256_file
 
 _CHUNK = 1024 * 1024
 _TIMEOUT_S = 30.0

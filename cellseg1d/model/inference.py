@@ -68,13 +68,7 @@ from cellseg1d.errors import CellsegError
 from cellseg1d.model import nms as nms_ops
 from cellseg1d.model.fastdecode import two_way_transformer
 from cellseg1d.model.postprocess import paint_labels, remove_small_regions
-from cellseg1d.model.prompts import (
-    CropBox,
-    crop_boxes,
-    point_grid,
-    points_in_crop,
-    resized_shape,
-)
+from cellseg1d.model.prompts import CropBox, crop_boxes, point_grid, points_in_crop, resized_shape
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 PATCH_SIZE = 16
 PROMPT_EMBED_DIM = 256

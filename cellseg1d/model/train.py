@@ -427,14 +427,8 @@ class _Progress:
         self._progress = None
         if not enabled:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import TimeRemainingColumn
 
         self._progress = Progress(
             TextColumn("[bold]training[/bold]"), BarColumn(), MofNCompleteColumn(),
