@@ -44,7 +44,7 @@ from cellseg1d.logs import RepeatLimiter, log_context
 from cellseg1d.ngff.discover import container_of
 from cellseg1d.ngff.reader import open_image
 from cellseg1d.pipeline import Pipeline
-from cellseg1d.plugins import build_plugin_manager, plugin_at_fault, plugin_names
+from cellseg1d.plugins import build_plugin_manager, configure_plugins, plugin_at_fault, plugin_names
 from cellseg1d.registry import adapter_ref, ensure_experiment, route_for
 from cellseg1d.report import catalog_counts
 from cellseg1d.service.sdnotify import Notifier
@@ -163,13 +163,7 @@ class Daemon:
             self.catalog = open_catalog(config)
             self.catalog.migrate()
             self.pm = build_plugin_manager(config.plugins.enable, config.plugins.disable, extra_plugins)
-            try:
-                self.pm.hook.configure(config=config)
-            except CellsegError as err:
-                raise ConfigError(str(err)) from None
-            except Exception as err:
-                plugin = plugin_at_fault(self.pm, "configure", err) or "unknown"
-                raise ConfigError(f"plugin '{plugin}' refused to start: {type(err).__name__}: {err}") from None
+            configure_plugins(self.pm, config)
             if not self.pm.hook.segment.get_hookimpls():
                 raise ConfigError(
                     "no segmenter: every plugin implementing 'segment' is disabled. Remove "

@@ -13,7 +13,7 @@ from typing import Any
 import pluggy
 
 from cellseg1d import hookspecs
-from cellseg1d.errors import ConfigError, ImageError, JobAborted, PluginError
+from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
 
 log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -223,3 +223,14 @@ def call_hook(pm: pluggy.PluginManager, name: str, **kwargs: Any) -> Any:
     except Exception as err:
         plugin = plugin_at_fault(pm, name, err) or "unknown"
         raise PluginError(plugin, name, f"{type(err).__name__}: {err}") from err
+
+
+def configure_plugins(pm: pluggy.PluginManager, config: Any) -> None:
+    """Call every plugin's ``configure`` hook at start; a refusal becomes a ConfigError naming the plugin."""
+    try:
+        pm.hook.configure(config=config)
+    except CellsegError as err:
+        raise ConfigError(str(err)) from None
+    except Exception as err:
+        plugin = plugin_at_fault(pm, "configure", err) or "unknown"
+        raise ConfigError(f"plugin '{plugin}' refused to start: {type(err).__name__}: {err}") from None

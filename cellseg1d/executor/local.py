@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import socket
-import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -44,12 +43,7 @@ class LocalExecutor:
         for task in tasks:
             if should_abort():
                 raise JobAborted(f"stopped before {task.describe()}")
-            started = time.perf_counter()
-            plane = image.read_plane(task.t, task.z, task.channels, task.region if task.is_block else None)
-            read = time.perf_counter() - started
-            result = run_task(task, self.pm, plane, self.worker)
-            result.read_seconds = read
-            yield result
+            yield run_task(task, self.pm, image, self.worker)
 
     def close(self) -> None:
         """Nothing to release."""

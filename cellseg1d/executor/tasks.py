@@ -160,8 +160,11 @@ def compact(labels: np.ndarray) -> np.ndarray:
     return labels.astype(dtype, copy=False)
 
 
-def run_task(task: SegmentTask, pm: pluggy.PluginManager, plane: np.ndarray, worker: str) -> TaskResult:
-    """Segment ``plane`` (the task's block, (C, h, w)) with the ``segment`` hook; raises on error."""
+def run_task(task: SegmentTask, pm: pluggy.PluginManager, image: Any, worker: str) -> TaskResult:
+    """Read the task's block from the open ``image`` and segment it with the ``segment`` hook; raises on error."""
+    started = time.perf_counter()
+    plane = image.read_plane(task.t, task.z, task.channels, task.region if task.is_block else None)
+    read = time.perf_counter() - started
     started = time.perf_counter()
     request = SegmentRequest(
         image_path=task.image_path, experiment=task.experiment, t=task.t, z=task.z,
@@ -175,4 +178,4 @@ def run_task(task: SegmentTask, pm: pluggy.PluginManager, plane: np.ndarray, wor
         )
     labels = check_labels(seg, task.shape)
     return TaskResult(labels=labels, segmenter=seg.segmenter, details=dict(seg.details), worker=worker,
-                      segment_seconds=time.perf_counter() - started)
+                      read_seconds=read, segment_seconds=time.perf_counter() - started)

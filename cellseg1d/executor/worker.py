@@ -27,14 +27,13 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections import OrderedDict
 from typing import Any
 
 import pluggy
 from distributed import WorkerPlugin, get_worker
 
-from cellseg1d.errors import CellsegError, ConfigError
+from cellseg1d.errors import ConfigError
 from cellseg1d.executor.tasks import ExecutorError, SegmentTask, TaskError, TaskResult, compact, run_task
 
 log = logging.getLogger("cellseg1d.worker")
@@ -78,7 +77,7 @@ class CellsegWorkerPlugin(WorkerPlugin):
 
     def manager(self, config: Any) -> pluggy.PluginManager:
         """The plugin manager for ``config``: built and configured once per distinct config."""
-        from cellseg1d.plugins import build_plugin_manager, plugin_at_fault
+        from cellseg1d.plugins import build_plugin_manager, configure_plugins
 
         key = config_key(config)
         with self._lock:
@@ -87,13 +86,9 @@ class CellsegWorkerPlugin(WorkerPlugin):
                 return pm
             pm = build_plugin_manager(config.plugins.enable, config.plugins.disable)
             try:
-                pm.hook.configure(config=config)
-            except CellsegError as err:
+                configure_plugins(pm, config)
+            except ConfigError as err:
                 raise ConfigError(f"on worker {self.address}: {err}") from None
-            except Exception as err:
-                plugin = plugin_at_fault(pm, "configure", err) or "unknown"
-                raise ConfigError(f"on worker {self.address}: plugin '{plugin}' refused to start: "
-                                  f"{type(err).__name__}: {err}") from None
             self._managers[key] = pm
             return pm
 
@@ -127,12 +122,7 @@ class CellsegWorkerPlugin(WorkerPlugin):
         """Read and segment one task; every error is returned in the result, never raised."""
         try:
             pm = self.manager(task.config)
-            image = self.image(task)
-            started = time.perf_counter()
-            plane = image.read_plane(task.t, task.z, task.channels, task.region if task.is_block else None)
-            read = time.perf_counter() - started
-            result = run_task(task, pm, plane, self.address)
-            result.read_seconds = read
+            result = run_task(task, pm, self.image(task), self.address)
             result.labels = compact(result.labels)
         except ConfigError as err:
             return TaskResult(None, worker=self.address, error=TaskError("other", str(err), transient=True))
