@@ -7,6 +7,7 @@ rules are tested directly on constructed masks.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -138,12 +139,16 @@ def test_remove_small_regions_fills_holes_and_removes_islands():
     assert np.array_equal(masks[0, 10:13, 10:13], np.zeros((3, 3), bool))  # input untouched
 
 
-def test_holes_are_8_connected_and_image_border_is_outside():
-    masks = np.zeros((1, 20, 20), dtype=bool)
+def test_holes_are_8_connected_and_a_small_region_at_the_image_border_is_a_hole():
+    """segment-anything labels the whole image: a small background region cut off at the border is a hole."""
+    masks = np.zeros((1, 40, 40), dtype=bool)
     masks[0, 0:10, 0:10] = True
-    masks[0, 0:3, 0:3] = False  # notch at the image corner: outside, not a hole
+    masks[0, 0:3, 0:3] = False  # 9 px notch at the image corner, enclosed by the mask and the border
     out, changed = remove_small_regions(masks, 20)
-    assert not changed[0] and np.array_equal(out, masks)
+    assert changed[0] and out[0, 0:10, 0:10].all() and out[0].sum() == 100
+    masks[0, 3, 3] = False  # 8-connected to the notch only diagonally: one 10 px region, still a hole
+    out, _ = remove_small_regions(masks, 20)
+    assert out[0, 0:10, 0:10].all()
 
 
 def test_largest_component_is_4_connected():
@@ -178,15 +183,18 @@ def test_paint_labels_smaller_wins_largest_component_relabel():
     assert labels[1, 1] == 1  # painted first (largest)
 
 
-def test_paint_labels_a_mask_split_by_a_smaller_one_keeps_its_largest_piece():
+def test_paint_labels_largest_piece_mode_keeps_the_largest_piece_of_a_split_mask():
     big = np.zeros((1, 20, 30), bool)
     big[0, 5:15, 0:30] = True  # 300 px
     bar = np.zeros((1, 20, 30), bool)
     bar[0, 0:20, 8:10] = True  # 40 px: cuts big into 8 + 20 columns
-    labels = paint_labels(np.concatenate([big, bar]))
+    labels = paint_labels(np.concatenate([big, bar]), mode="largest_piece")
     assert labels.max() == 2
     assert labels[10, 20] == 1 and labels[10, 9] == 2 and labels[10, 3] == 0  # left piece dropped
     assert (labels == 1).sum() == 10 * 20
+    # the reference's rule keeps both pieces of the split mask under one label
+    reference = paint_labels(np.concatenate([big, bar]))
+    assert reference[10, 20] == 1 and reference[10, 3] == 1 and (reference == 1).sum() == 300 - 20
 
 
 def test_keep_largest_regions():
@@ -268,11 +276,16 @@ def test_fast_path_keeps_the_same_masks_as_upsampling_everything(sam):
             assert torch.equal(fast.boxes, slow.boxes)
             total += len(fast)
     assert total > 0  # the comparison saw masks
+    # a threshold <= 0 tests nothing (the reference's rule): shift the IoU head so that a positive one skips some
+    shifted = copy.deepcopy(sam)
+    with torch.no_grad():
+        shifted.mask_decoder.iou_prediction_head.layers[-1].bias += 0.2
+    settings = _passing_settings(pred_iou_thresh=0.08)
     fast_report, slow_report = InferenceReport(), InferenceReport()
-    fast_labels = segment_image(sam, rgb, settings, report=fast_report)
-    slow_labels = segment_image(sam, rgb, settings, upsample_all=True, report=slow_report)
-    assert np.array_equal(fast_labels, slow_labels)
-    assert fast_report.counts["iou"] == slow_report.counts["iou"] < 5 * 64  # some prompts were skipped
+    fast_labels = segment_image(shifted, rgb, settings, report=fast_report)
+    slow_labels = segment_image(shifted, rgb, settings, upsample_all=True, report=slow_report)
+    assert np.array_equal(fast_labels, slow_labels) and fast_labels.max() > 0
+    assert 0 < fast_report.counts["iou"] == slow_report.counts["iou"] < 5 * 64  # some prompts were skipped
 
 
 def test_non_square_and_grayscale_inputs(sam):

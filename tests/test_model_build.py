@@ -66,11 +66,12 @@ def test_resize_state_dict_1024_to_512_loads_strictly() -> None:
     target = build_sam("tiny", 512)
     target.load_state_dict(resized, strict=True)
     assert target.image_encoder.pos_embed.shape == (1, 32, 32, 192)
-    # grid cell k at 512 covers source cells 2k and 2k + 1: its centre is at source coordinate 2k + 0.5
-    centre = torch.arange(32.0) * 2 + 0.5
-    expected = smooth(*torch.meshgrid(centre, centre, indexing="ij"))
-    inner = (slice(None), slice(2, -2), slice(2, -2))
-    torch.testing.assert_close(target.image_encoder.pos_embed[inner], expected[inner], atol=5e-3, rtol=0)
+    # bilinear with align_corners=True (the reference's rule): grid cell k samples source coordinate k * 63 / 31
+    where = torch.arange(32.0) * 63 / 31
+    expected = smooth(*torch.meshgrid(where, where, indexing="ij"))
+    torch.testing.assert_close(target.image_encoder.pos_embed, expected, atol=5e-3, rtol=0)
+    corners = (slice(None), [0, 0, -1, -1], [0, -1, 0, -1])
+    assert torch.equal(target.image_encoder.pos_embed[corners], source["image_encoder.pos_embed"][corners])
     # windowed blocks keep their tables; global ones are resized
     assert torch.equal(target.image_encoder.blocks[0].attn.rel_pos_h, source["image_encoder.blocks.0.attn.rel_pos_h"])
     assert target.image_encoder.blocks[1].attn.rel_pos_h.shape == (63, 48)

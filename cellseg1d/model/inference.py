@@ -4,9 +4,10 @@ The pipeline (defaults from the CellSeg1 paper; see :class:`InferenceSettings`):
 
 1. Crops: the whole image plus the 2 x 2 overlapping crops of crop layer 1
    (:func:`cellseg1d.model.prompts.crop_boxes`). Each crop is resized so its
-   longest side is ``image_size`` (bilinear, antialiased, rounded back to
-   uint8 values), normalised with SAM's pixel mean/std and padded at the
-   bottom/right to the model's square input (``Sam.preprocess``).
+   longest side is ``image_size`` with PIL's bilinear filter (what
+   segment-anything's ``ResizeLongestSide.apply_image`` does, and so the
+   CellSeg1 reference), normalised with SAM's pixel mean/std and padded at
+   the bottom/right to the model's square input (``Sam.preprocess``).
 2. Per crop: the image embedding once; a ``points_per_side**2`` grid of
    foreground points in batches of ``points_per_batch``, one mask per point
    (``multimask_output=False``). The mask decoder runs in two stages
@@ -18,30 +19,43 @@ The pipeline (defaults from the CellSeg1 paper; see :class:`InferenceSettings`):
 3. Filters, in this order (all are per-mask tests, so the order does not
    change the result, only the cost):
 
-   * IoU-head score >= ``pred_iou_thresh``: decided before any mask exists;
+   * IoU-head score > ``pred_iou_thresh`` (strictly; no test when it is 0):
+     decided before any mask exists;
    * the survivors' low-resolution logits are upsampled exactly as SAM does
      (``Sam.postprocess_masks``: to the padded input, unpad, to the crop
      size) and the stability score is computed on these crop-resolution
      logits, as specified (the IoU between the masks thresholded at
      ``+offset`` and ``-offset``; 0 for an empty mask), kept if
      >= ``stability_score_thresh``; it is not computed on the low-resolution
-     logits, which would only approximate it;
+     logits, which would only approximate it (no test when the threshold is 0);
    * binarised at ``Sam.mask_threshold``; non-empty; area < ``max_area_fraction``
      of the whole image; bounding box not within ``crop_edge_margin`` pixels
-     of a crop edge that is not also an image edge.
+     of a crop edge that is not also an image edge, the box's ends taken
+     inclusive (its last row and column), as segment-anything's
+     ``is_box_near_crop_edge`` does.
 
    ``upsample_all=True`` runs the reference order instead (logits for every
    prompt, all upsampled, then the filters); the tests check that both keep
    the same masks.
 4. Mask-IoU NMS (:mod:`cellseg1d.model.nms`) within each crop (score: IoU-head
-   score, threshold ``nms_thresh``), then across crops in the image frame
-   (score: IoU-head score x stability, threshold ``crop_nms_thresh``).
+   score, threshold ``crop_nms_thresh``, as the reference), then across crops
+   in the image frame (score: IoU-head score x stability, threshold
+   ``crop_nms_thresh``). With ``box_gate`` (the reference's rule) only masks
+   whose bounding boxes share at least two rows and two columns are
+   compared. Every NMS keeps the survivors in rank order (ties: earlier
+   first), and that order carries on to the next stage.
 5. Holes and islands smaller than ``min_region_area`` pixels are removed
-   (:mod:`cellseg1d.model.postprocess`), then NMS again, preferring masks
-   that needed no clean-up (then the higher IoU x stability), and the area
+   (:mod:`cellseg1d.model.postprocess`; skipped when it is 0), then NMS
+   again at ``max(nms_thresh, crop_nms_thresh)``. ``cleanup_nms="reference"``:
+   masks that needed no clean-up rank first (a 0/1 score, ties in order), the
+   IoU is that of the masks *before* clean-up and the box gate uses the boxes
+   after it, as the reference computes it; ``"cleaned"``: the IoU of the
+   cleaned masks, ties broken by IoU-head score x stability. Then the area
    limit again.
-6. Label image: masks painted largest first so smaller ones win, each reduced
-   to its largest connected component, labels 1..N (uint32).
+6. Label image (:func:`cellseg1d.model.postprocess.paint_labels`): masks
+   painted largest first (ties: the order of step 5) so smaller ones win,
+   each clearing its area and painting its largest 4-connected component
+   (``paint="reference"``; or ``"largest_piece"``), labels 1..N (uint32).
 
 Candidate masks are kept as binary (1 byte/pixel) tensors on the device:
 mask NMS needs full-resolution masks to be exact, and binary masks are a
@@ -62,15 +76,19 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from segment_anything.modeling import Sam
 
 from cellseg1d.errors import CellsegError
 from cellseg1d.model import nms as nms_ops
 from cellseg1d.model.fastdecode import two_way_transformer
-from cellseg1d.model.postprocess import paint_labels, remove_small_regions
+from cellseg1d.model.postprocess import PAINT_MODES, paint_labels, remove_small_regions
 from cellseg1d.model.prompts import CropBox, crop_boxes, point_grid, points_in_crop, resized_shape
 
 log = logging.getLogger(__name__)
+
+#: Ways to run the NMS after the hole/island clean-up (see :class:`InferenceSettings`).
+CLEANUP_NMS_MODES = ("reference", "cleaned")
 
 
 @dataclass
@@ -93,9 +111,9 @@ class InferenceSettings:
     stability_score_offset: float = 0.8
     #: Masks must be smaller than this fraction of the whole image.
     max_area_fraction: float = 0.1
-    #: Mask-IoU NMS threshold within a crop.
+    #: The reference's ``box_nms_thresh``: used only by the NMS after clean-up, as the larger of the two.
     nms_thresh: float = 0.05
-    #: Mask-IoU NMS threshold across crops (and after clean-up: the larger of the two).
+    #: Mask-IoU NMS threshold within each crop and across crops (and after clean-up: the larger of the two).
     crop_nms_thresh: float = 0.05
     #: Holes and islands smaller than this (pixels) are removed; 0 disables.
     min_region_area: int = 20
@@ -108,6 +126,20 @@ class InferenceSettings:
     #: Approximation (off in the paper): decode the grid coarse to fine and skip a point that lies
     #: inside a mask already accepted (this crop or an earlier one). See :func:`coarse_to_fine`.
     skip_covered_points: bool = False
+    #: Mask NMS compares only masks whose boxes share >= 2 rows and >= 2 columns (the reference's
+    #: overlap test on inclusive boxes); False: every pair by its mask IoU.
+    box_gate: bool = True
+    #: The NMS after clean-up: "reference" (IoU before clean-up, unchanged masks first, ties in
+    #: order) or "cleaned" (IoU of the cleaned masks, ties by IoU-head score x stability).
+    cleanup_nms: str = "reference"
+    #: Painting the label image: "reference" or "largest_piece" (see postprocess.paint_labels).
+    paint: str = "reference"
+
+    def __post_init__(self) -> None:
+        if self.cleanup_nms not in CLEANUP_NMS_MODES:
+            raise ValueError(f"cleanup_nms must be one of {', '.join(CLEANUP_NMS_MODES)}, got {self.cleanup_nms!r}")
+        if self.paint not in PAINT_MODES:
+            raise ValueError(f"paint must be one of {', '.join(PAINT_MODES)}, got {self.paint!r}")
 
 
 @dataclass
@@ -218,10 +250,15 @@ def stability_score(logits: torch.Tensor, mask_threshold: float, offset: float) 
 
 
 def near_crop_edge(boxes: torch.Tensor, crop: CropBox, image_hw: tuple[int, int], margin: float) -> torch.Tensor:
-    """(N,) bool: a box (crop frame) has a side within ``margin`` of a crop edge that is not an image edge."""
+    """(N,) bool: a box (crop frame) has a side within ``margin`` of a crop edge that is not an image edge.
+
+    ``boxes`` have exclusive ends; the test uses the last row and column of
+    the box (inclusive ends, segment-anything's ``batched_mask_to_box``)
+    against the crop's ``(x0, y0, x1, y1)``, as ``is_box_near_crop_edge``.
+    """
     height, width = image_hw
-    offset = torch.tensor([crop.x0, crop.y0, crop.x0, crop.y0], device=boxes.device)
-    absolute = (boxes + offset).to(torch.float32)  # (N, 4) image frame
+    offset = torch.tensor([crop.x0, crop.y0, crop.x0 - 1, crop.y0 - 1], device=boxes.device)
+    absolute = (boxes + offset).to(torch.float32)  # (N, 4) image frame, inclusive ends
     crop_t = torch.tensor(crop.as_tuple(), dtype=torch.float32, device=boxes.device)
     image_t = torch.tensor([0, 0, width, height], dtype=torch.float32, device=boxes.device)
     at_crop = (absolute - crop_t).abs() <= margin
@@ -229,14 +266,26 @@ def near_crop_edge(boxes: torch.Tensor, crop: CropBox, image_hw: tuple[int, int]
     return (at_crop & ~at_image).any(dim=1)
 
 
+def resize_crop(region: np.ndarray, new_hw: tuple[int, int]) -> np.ndarray:
+    """A uint8 (h, w, 3) crop resized to ``new_hw`` with PIL's bilinear filter (uint8 (h', w', 3)).
+
+    This is what segment-anything's ``ResizeLongestSide.apply_image`` does
+    (through torchvision's PIL path), so the pixels equal the reference's.
+    """
+    if tuple(region.shape[:2]) == tuple(new_hw):
+        return region
+    resized = Image.fromarray(np.ascontiguousarray(region)).resize((new_hw[1], new_hw[0]), Image.Resampling.BILINEAR)
+    return np.array(resized)  # writable (torch.from_numpy needs it)
+
+
 def _model_input(sam: Sam, image_t: torch.Tensor, crop: CropBox, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """The crop as the model's input (1, 3, S, S) float32, and its size (h', w') before padding."""
     region = image_t[:, crop.y0 : crop.y1, crop.x0 : crop.x1]  # (3, h, w) uint8
     new_hw = resized_shape(crop.height, crop.width, image_size)
-    x = region[None].to(torch.float32)  # (1, 3, h, w)
     if new_hw != (crop.height, crop.width):
-        x = F.interpolate(x, size=new_hw, mode="bilinear", align_corners=False, antialias=True)
-        x = x.round().clamp(0, 255)
+        pixels = resize_crop(region.permute(1, 2, 0).cpu().numpy(), new_hw)  # (h', w', 3) uint8
+        region = torch.from_numpy(pixels).to(image_t.device).permute(2, 0, 1)
+    x = region[None].to(torch.float32)  # (1, 3, h', w')
     return sam.preprocess(x), new_hw
 
 
@@ -328,7 +377,9 @@ def crop_candidates(
 
     points = points_in_crop(point_grid(settings.points_per_side), crop)  # (P, 2) crop pixels
     scale = np.array([new_hw[1] / crop.width, new_hw[0] / crop.height])
-    model_points = torch.as_tensor(points * scale[None, :], dtype=torch.float32, device=device)  # (P, 2)
+    # float64, as segment-anything's apply_coords: the prompt encoder adds 0.5 and divides by the
+    # input size in float64 before its float32 projection, so the embeddings equal the reference's.
+    model_points = torch.as_tensor(points * scale[None, :], dtype=torch.float64, device=device)  # (P, 2)
     max_area = settings.max_area_fraction * image_hw[0] * image_hw[1]
     clock.count("prompts", len(points))
 
@@ -339,7 +390,7 @@ def crop_candidates(
         with clock.stage("decode"), _autocast(device, autocast):
             iou, mask_token, image_tokens = decode_scores(sam, embedding, dense_pe, coords)
         iou = iou.float()
-        keep = torch.ones_like(iou, dtype=torch.bool) if upsample_all else iou >= settings.pred_iou_thresh
+        keep = torch.ones_like(iou, dtype=torch.bool) if upsample_all else passes_iou(iou, settings.pred_iou_thresh)
         if not bool(keep.any()):
             continue
         with clock.stage("mask_decode"), _autocast(device, autocast):
@@ -401,7 +452,7 @@ def _filter_batch(
 
     ``upsample_first`` is the reference order: every mask is upsampled before the IoU-head filter.
     """
-    keep = iou >= settings.pred_iou_thresh  # all true unless on the reference path
+    keep = passes_iou(iou, settings.pred_iou_thresh)  # all true unless on the upsample-all path
     if upsample_first:
         logits = sam.postprocess_masks(low_res, new_hw, crop_hw)[:, 0][keep]  # (K, h_c, w_c)
     else:
@@ -421,6 +472,13 @@ def _filter_batch(
     return Candidates(masks[keep], iou[keep], stability[keep], boxes[keep])
 
 
+def passes_iou(iou: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(N,) bool: IoU-head scores strictly above ``threshold``; all pass when it is 0 (the reference's test)."""
+    if threshold <= 0:
+        return torch.ones_like(iou, dtype=torch.bool)
+    return iou > threshold
+
+
 def _uncrop(c: Candidates, crop: CropBox, image_hw: tuple[int, int]) -> Candidates:
     """Candidates from the crop frame to the image frame (masks zero-padded, boxes shifted)."""
     height, width = image_hw
@@ -437,6 +495,29 @@ def _resolve_device(sam: Sam, device: torch.device | str | None) -> torch.device
     if device.type != model_device.type or (device.index is not None and device.index != model_device.index):
         raise ValueError(f"the model is on {model_device}, not on {device}; move it first (sam.to(device))")
     return model_device
+
+
+def cleanup_nms(
+    masks: torch.Tensor,
+    cleaned: torch.Tensor,
+    changed: torch.Tensor,
+    quality: torch.Tensor,
+    settings: InferenceSettings,
+) -> torch.Tensor:
+    """Indices (K,) kept by the NMS after clean-up, in rank order.
+
+    ``masks`` (N, H, W) bool before clean-up, ``cleaned`` after, ``changed``
+    (N,) bool, ``quality`` (N,) IoU-head score x stability. See
+    :class:`InferenceSettings` (``cleanup_nms``).
+    """
+    threshold = max(settings.nms_thresh, settings.crop_nms_thresh)
+    cleaned_boxes = nms_ops.mask_boxes(cleaned)
+    gate = cleaned_boxes if settings.box_gate else None
+    if settings.cleanup_nms == "reference":
+        scores = (~changed).to(torch.float32)
+        return nms_ops.mask_nms(masks, scores, threshold, gate_boxes=gate, chunk=settings.nms_chunk)
+    return nms_ops.mask_nms(cleaned, _cleanup_scores(changed, quality), threshold, boxes=cleaned_boxes,
+                            gate_boxes=gate, chunk=settings.nms_chunk)
 
 
 def _cleanup_scores(changed: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
@@ -559,7 +640,8 @@ def segment_image_once(
             cand = crop_candidates(sam, image_t, crop, settings, autocast=autocast, upsample_all=upsample_all,
                                    dense_pe=dense_pe, clock=clock, covered=covered)
             with clock.stage("nms"):
-                keep = nms_ops.mask_nms(cand.masks, cand.iou_pred, settings.nms_thresh, boxes=cand.boxes,
+                keep = nms_ops.mask_nms(cand.masks, cand.iou_pred, settings.crop_nms_thresh, boxes=cand.boxes,
+                                        gate_boxes=cand.boxes if settings.box_gate else None,
                                         chunk=settings.nms_chunk)
                 cand = _uncrop(cand.select(keep), crop, image_hw)
             clock.count("crop_nms", len(cand))
@@ -570,25 +652,25 @@ def segment_image_once(
             del per_crop
             if len(crops) > 1 and len(cand):
                 keep = nms_ops.mask_nms(cand.masks, cand.iou_pred * cand.stability, settings.crop_nms_thresh,
-                                        boxes=cand.boxes, chunk=settings.nms_chunk)
+                                        boxes=cand.boxes, gate_boxes=cand.boxes if settings.box_gate else None,
+                                        chunk=settings.nms_chunk)
                 cand = cand.select(keep)
         clock.count("cross_nms", len(cand))
 
         with clock.stage("postprocess"):
             masks = cand.masks.cpu().numpy()
-            masks, changed = remove_small_regions(masks, settings.min_region_area)
-        with clock.stage("nms"):
-            masks_t = torch.from_numpy(masks).to(device)
-            changed_t = torch.from_numpy(changed).to(device)
-            scores = _cleanup_scores(changed_t, cand.iou_pred * cand.stability)
-            keep = nms_ops.mask_nms(masks_t, scores, max(settings.nms_thresh, settings.crop_nms_thresh),
-                                    chunk=settings.nms_chunk)
-            keep = keep.sort().values.cpu().numpy()
+            if settings.min_region_area > 0 and len(masks):
+                cleaned, changed = remove_small_regions(masks, settings.min_region_area)
+        if settings.min_region_area > 0 and len(masks):
+            with clock.stage("nms"):
+                keep = cleanup_nms(cand.masks, torch.from_numpy(cleaned).to(device),
+                                   torch.from_numpy(changed).to(device), cand.iou_pred * cand.stability,
+                                   settings).cpu().numpy()
+            masks = cleaned[keep]  # rank order, as the reference passes them on
         with clock.stage("postprocess"):
-            masks = masks[keep]
             area = masks.sum(axis=(1, 2))
             masks = masks[(area > 0) & (area < settings.max_area_fraction * image_hw[0] * image_hw[1])]
             clock.count("cleanup_nms", masks.shape[0])
-            labels = paint_labels(masks, image_hw)
+            labels = paint_labels(masks, image_hw, mode=settings.paint)
         clock.count("labels", int(labels.max()) if labels.size else 0)
     return labels

@@ -15,6 +15,11 @@ here it is
   drop everything overlapping it by more than the threshold") evaluated as a
   fixed point of whole-tensor boolean operations instead of one Python step
   per mask.
+* the box gate (``gate_boxes``): the CellSeg1 reference computes the mask IoU
+  only for pairs whose bounding boxes, with inclusive ends, overlap with a
+  positive width and height, i.e. share at least two rows and two columns;
+  other pairs count as IoU 0 even when their masks touch. :func:`mask_nms`
+  applies the same test when given the boxes.
 
 Shapes: masks (N, H, W) bool, boxes (N, 4) int64 ``(x0, y0, x1, y1)`` with
 exclusive ends (all zero for an empty mask), scores (N,).
@@ -79,6 +84,17 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
     union = area_a[:, None] + area_b[None, :] - inter
     return torch.where(union > 0, inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def boxes_share_two(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, M) bool: boxes ``a[i]`` and ``b[j]`` (exclusive ends) share at least two rows and two columns.
+
+    The reference's overlap test: with inclusive ends ``(x1 - 1, y1 - 1)``,
+    ``min(x1) - max(x0) > 0`` and the same for y.
+    """
+    width = torch.minimum(a[:, None, 2], b[None, :, 2]) - torch.maximum(a[:, None, 0], b[None, :, 0])
+    height = torch.minimum(a[:, None, 3], b[None, :, 3]) - torch.maximum(a[:, None, 1], b[None, :, 1])
+    return (width >= 2) & (height >= 2)
 
 
 def default_chunk(device: torch.device | str) -> int:
@@ -244,10 +260,18 @@ def mask_nms(
     threshold: float,
     *,
     boxes: torch.Tensor | None = None,
+    gate_boxes: torch.Tensor | None = None,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Greedy NMS of masks (N, H, W) by mask IoU; kept indices (K,) int64, best score first."""
+    """Greedy NMS of masks (N, H, W) by mask IoU; kept indices (K,) int64, best score first (ties: lower index).
+
+    ``boxes`` are the masks' own boxes (computed when omitted). With
+    ``gate_boxes`` (N, 4), only pairs whose gate boxes share at least two rows
+    and two columns (:func:`boxes_share_two`) can suppress each other.
+    """
     if masks.shape[0] == 0:
         return torch.zeros(0, dtype=torch.int64, device=masks.device)
     iou = mask_iou(masks, boxes_a=boxes, chunk=chunk)
+    if gate_boxes is not None:
+        iou = torch.where(boxes_share_two(gate_boxes, gate_boxes), iou, torch.zeros_like(iou))
     return greedy_nms(iou, scores, threshold)

@@ -44,12 +44,14 @@ class CropBox:
 def point_grid(points_per_side: int) -> np.ndarray:
     """A ``points_per_side**2`` grid of (x, y) points at the cell centres of the unit square.
 
-    Row-major: x varies fastest. Returns float64 (n*n, 2) in (0, 1).
+    Row-major: x varies fastest. Returns float64 (n*n, 2) in (0, 1). The
+    ticks are ``linspace(1 / 2n, 1 - 1 / 2n, n)``, the same float64 values
+    as the reference's grid (an ``arange`` formula differs in the last bit).
     """
     if points_per_side < 1:
         raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
-    step = 1.0 / points_per_side
-    ticks = (np.arange(points_per_side) + 0.5) * step  # (n,)
+    offset = 1.0 / (2 * points_per_side)
+    ticks = np.linspace(offset, 1.0 - offset, points_per_side)  # (n,)
     ys, xs = np.meshgrid(ticks, ticks, indexing="ij")  # (n, n) each
     return np.stack([xs.ravel(), ys.ravel()], axis=1)  # (n*n, 2)
 

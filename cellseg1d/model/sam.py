@@ -4,7 +4,8 @@ SAM is built from segment-anything's own modules. CellSeg1 runs SAM at input
 size 512 instead of 1024: the absolute position embedding of the image
 encoder and the relative-position tables of its global-attention blocks are
 interpolated from the 1024 checkpoint (windowed blocks keep their tables; the
-window size is unchanged).
+window size is unchanged), bilinearly with ``align_corners=True``, as the
+CellSeg1 reference does (docs/engine.md, "Faithfulness").
 
 Shapes (input size S, patch 16, grid G = S / 16):
     image (B, 3, S, S) -> encoder tokens (B, G, G, C) -> neck (B, 256, G, G)
@@ -102,11 +103,16 @@ def build_sam(spec: SamSpec | str, image_size: int = DEFAULT_IMAGE_SIZE) -> Sam:
 
 
 def _resize_table(table: torch.Tensor, length: int) -> torch.Tensor:
-    """Linearly interpolate a (L, C) relative-position table to (length, C)."""
+    """Interpolate a (L, C) relative-position table to (length, C), bilinear with ``align_corners=True``.
+
+    The table is treated as a (1, 1, L, C) image resized to (length, C), so
+    the C axis is unchanged and the first and last rows are kept exactly.
+    """
     if table.shape[0] == length:
         return table
-    resized = F.interpolate(table.T.unsqueeze(0).float(), size=length, mode="linear", align_corners=False)
-    return resized.squeeze(0).T.to(table.dtype)
+    resized = F.interpolate(table[None, None].float(), size=(length, table.shape[1]), mode="bilinear",
+                            align_corners=True)
+    return resized[0, 0].to(table.dtype)
 
 
 def resize_state_dict(
@@ -114,17 +120,19 @@ def resize_state_dict(
 ) -> dict[str, torch.Tensor]:
     """Adapt a checkpoint's state dict (any input size) to a model built for ``image_size``.
 
-    ``image_encoder.pos_embed`` (1, G0, G0, C) is resized bicubically to
-    (1, G, G, C); the ``rel_pos_h/w`` tables of global-attention blocks
-    (2 G0 - 1, D) are resized linearly to (2 G - 1, D).
+    ``image_encoder.pos_embed`` (1, G0, G0, C) is resized to (1, G, G, C) and
+    the ``rel_pos_h/w`` tables of global-attention blocks (2 G0 - 1, D) to
+    (2 G - 1, D), all bilinearly with ``align_corners=True`` (the corner
+    values are kept). Nothing is resized when the grid already fits.
     """
     grid = image_size // PATCH_SIZE
     out = dict(state)
     pos = state.get("image_encoder.pos_embed")
-    if pos is not None and pos.shape[1] != grid:
-        resized = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bicubic",
-                                align_corners=False)
-        out["image_encoder.pos_embed"] = resized.permute(0, 2, 3, 1).to(pos.dtype)
+    if pos is None or pos.shape[1] == grid:
+        return out
+    resized = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=(grid, grid), mode="bilinear",
+                            align_corners=True)
+    out["image_encoder.pos_embed"] = resized.permute(0, 2, 3, 1).to(pos.dtype)
     for index in spec.global_attn_indexes:
         for axis in ("h", "w"):
             key = f"image_encoder.blocks.{index}.attn.rel_pos_{axis}"
