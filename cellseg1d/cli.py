@@ -124,6 +124,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     from cellseg1d.commands import models
 
     if args.action == "fetch":
+        if args.model is None:
+            raise ConfigError("name the backbone to fetch: cellseg1d models fetch vit_h (the CellSeg1 paper's, "
+                              "2.4 GB, best quality), vit_l (1.2 GB, close to vit_h) or vit_b (375 MB, fastest, "
+                              "clearly weaker); see README, 'Which SAM backbone'")
         models.fetch(args.model, args.model_dir, args.url)
     else:
         models.list_models(args.model_dir)
@@ -186,8 +190,10 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help="SAM checkpoint (.pth) of --model-type")
-    p.add_argument("--model-type", default="vit_b", help="vit_b, vit_l or vit_h (default vit_b)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="SAM checkpoint (.pth); its backbone (vit_b, vit_l, vit_h) is read from the file")
+    p.add_argument("--model-type", default=None, metavar="TYPE",
+                   help="optional check: refuse unless the checkpoint is this backbone (vit_b, vit_l or vit_h)")
     p.add_argument("--allow-custom-checkpoint", action="store_true",
                    help="accept a checkpoint whose sha256 is not the official one")
     p.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1 ...")
@@ -258,6 +264,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--grad-accum", type=int, default=8)
     train.add_argument("--lr", type=float, default=3e-3)
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--schedule", choices=["reference", "annealed"], default="reference",
+                       help="one-cycle schedule: 'reference' (the paper's: built for more steps than are taken, ends "
+                            "at ~12%% of the peak rate) or 'annealed' (anneals to ~0 over the steps taken)")
+    train.add_argument("--dropout-mode", choices=["output", "input"], default="output",
+                       help="LoRA dropout on the adapted projections' whole output (the paper's) or peft's (input)")
+    train.add_argument("--mixed-precision", action="store_true",
+                       help="bfloat16 autocast on CUDA (faster; the paper trains in float32 with TF32)")
     train.add_argument("--train-all", action="store_true",
                        help="train every weight, not only LoRA (for small or custom base models)")
     train.add_argument("--resume", action="store_true", help="continue an interrupted run (Ctrl-C saves one)")
@@ -284,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="official SAM checkpoints: list, fetch")
     models.add_argument("action", choices=["list", "fetch"])
-    models.add_argument("model", nargs="?", default="vit_b", help="vit_b, vit_l or vit_h")
+    models.add_argument("model", nargs="?", default=None, help="fetch: vit_h (the paper's), vit_l or vit_b")
     models.add_argument("--model-dir", type=Path, help="where checkpoints are kept")
     models.add_argument("--url", help="download from this URL instead of the official one")
     models.set_defaults(func=cmd_models)

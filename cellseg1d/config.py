@@ -177,14 +177,20 @@ class ClassicalSettings(_Section):
     threshold: Literal["otsu", "li"] = "otsu"
 
 
+#: The names of cellseg1d.model.sam.SPECS (kept here so that reading a config does not import torch).
+SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+
+
 class SamSettings(_Section):
     """The built-in SAM + LoRA segmenter (CellSeg1). Off until ``checkpoint`` is set."""
 
-    #: An official SAM checkpoint file (``sam_vit_b_01ec64.pth`` ...); its sha256 is checked.
+    #: An official SAM checkpoint file (``sam_vit_h_4b8939.pth`` ...); its sha256 is checked.
     #: Empty: SAM is off and the classical segmenter runs. Get one with ``cellseg1d models fetch``.
     checkpoint: Path | None = None
-    model_type: str = "vit_b"
-    #: Load a checkpoint whose sha256 is not the official one for ``model_type`` (fine-tuned bases).
+    #: Optional check: the backbone (vit_b, vit_l, vit_h) is read from the checkpoint's shapes; when this
+    #: is set and the checkpoint is another backbone, the daemon refuses to start. Empty: no check.
+    model_type: str | None = None
+    #: Load a checkpoint whose sha256 is not the official one of its backbone (fine-tuned bases).
     allow_custom_checkpoint: bool = False
     #: A LoRA adapter folder (``adapter.safetensors`` + ``adapter.json``) made by ``cellseg1d train``,
     #: used when an image's experiment has no adapter assigned and none is assigned to "default".
@@ -201,6 +207,14 @@ class SamSettings(_Section):
     skip_covered_points: bool = False
     pred_iou_thresh: float = Field(0.8, ge=0, le=1)
     stability_score_thresh: float = Field(0.6, ge=0, le=1)
+    #: Image to 8 bits before SAM: "minmax" (the CellSeg1 reference: min..max to 0..255, truncated) or
+    #: "percentile" (0.5th..99.5th percentile, clipped and rounded; robust to a few hot pixels).
+    normalize: Literal["minmax", "percentile"] = "minmax"
+    #: The NMS after the hole/island clean-up: "reference" (the reference's rule) or "cleaned" (docs/engine.md).
+    cleanup_nms: Literal["reference", "cleaned"] = "reference"
+    #: Painting overlapping masks: "reference" (a mask clears its whole area, paints its largest piece)
+    #: or "largest_piece" (only the largest piece overwrites; no holes left in larger cells).
+    paint: Literal["reference", "largest_piece"] = "reference"
     #: Planes larger than this (pixels per side) are segmented in overlapping tiles.
     tile: int = Field(1024, ge=128)
     tile_overlap: int = Field(256, ge=0)
@@ -209,6 +223,14 @@ class SamSettings(_Section):
     @classmethod
     def _absolute(cls, value: Path | None) -> Path | None:
         return None if value is None else value.expanduser().resolve()
+
+    @field_validator("model_type")
+    @classmethod
+    def _known_model_type(cls, value: str | None) -> str | None:
+        if value is not None and value not in SAM_MODEL_TYPES:
+            raise ValueError(f"{value!r} is not a SAM model type (known: {', '.join(SAM_MODEL_TYPES)}); leave "
+                             "it out: the backbone is read from the checkpoint")
+        return value
 
 
 class AdapterSettings(_Section):

@@ -60,6 +60,8 @@ class Context:
     config_file: Path | None = None
     #: sha256 of sam.checkpoint, once the checkpoint check hashed it.
     base_sha256: str | None = None
+    #: The backbone read from sam.checkpoint (vit_b, vit_l, vit_h), once the checkpoint check read it.
+    base_model_type: str | None = None
     #: The open catalog, once the catalog check found it at this version's schema.
     catalog: Any = None
 
@@ -576,27 +578,32 @@ def check_catalog(ctx: Context) -> list[Check]:
 
 
 def check_checkpoint(ctx: Context) -> list[Check]:
-    """sam.checkpoint exists and is the official file of sam.model_type (or custom files are allowed)."""
+    """sam.checkpoint exists, its backbone is read from its shapes, and it is the official file of that
+    backbone (or custom files are allowed); a set sam.model_type must be that backbone."""
     sam = ctx.config.sam
     path: Path | None = sam.checkpoint
     if path is None:
         return [Check("sam.checkpoint", OK, "SAM off (sam.checkpoint not set): the classical segmenter runs")]
-    details: dict[str, Any] = {"path": str(path), "model_type": sam.model_type}
+    details: dict[str, Any] = {"path": str(path), "model_type": None, "configured_model_type": sam.model_type}
     if ctx.config.executor.kind != "local" and not os.path.lexists(path):
         return [Check("sam.checkpoint", SKIP, f"{path} is the Dask workers' file (executor.kind = "
                       f"'{ctx.config.executor.kind}'): the executor row checks that they see it; each worker "
                       "checks its sha256 when it loads it", "", details)]
-    from cellseg1d.model.checkpoint import OFFICIAL, sha256_file
+    from cellseg1d.model.checkpoint import OFFICIAL, CheckpointError, checkpoint_model_type, sha256_file
     from cellseg1d.model.sam import SPECS
 
-    if sam.model_type not in SPECS:
+    if sam.model_type is not None and sam.model_type not in SPECS:
         return [Check("sam.checkpoint", FAIL, f"sam.model_type: {sam.model_type!r} is not a SAM model type "
-                      f"(known: {', '.join(s for s in SPECS if s != 'tiny')})", "set sam.model_type to the "
-                      "type of the checkpoint (vit_b, vit_l or vit_h)", details)]
-    official = OFFICIAL.get(sam.model_type)
-    fetch = (f"correct the path, or run 'cellseg1d models fetch {sam.model_type} --model-dir {path.parent}' "
+                      f"(known: {', '.join(s for s in SPECS if s != 'tiny')})", "leave sam.model_type out: the "
+                      "backbone is read from the checkpoint", details)]
+    # the official type this file is meant to be: the setting, else the official file name
+    meant = sam.model_type if sam.model_type in OFFICIAL else next(
+        (name for name, item in OFFICIAL.items() if item.filename == path.name), None)
+    official = OFFICIAL.get(meant) if meant else None
+    fetch = (f"correct the path, or run 'cellseg1d models fetch {meant} --model-dir {path.parent}' "
              f"(or copy {official.filename} there) and point sam.checkpoint at it" if official
-             else "correct the path")
+             else f"correct the path, or run 'cellseg1d models fetch vit_h --model-dir {path.parent}' (the "
+                  "paper's backbone; or vit_l, vit_b) and point sam.checkpoint at it")
     if not os.path.lexists(path):
         return [Check("sam.checkpoint", FAIL, f"sam.checkpoint: {path} does not exist", fetch, details)]
     if not path.is_file():
@@ -605,21 +612,38 @@ def check_checkpoint(ctx: Context) -> list[Check]:
     sha = sha256_file(path)
     details.update(sha256=sha, size_bytes=path.stat().st_size, hash_seconds=round(time.monotonic() - started, 2))
     ctx.base_sha256 = sha
+    try:  # from the hash when official, else from the shapes (memory-mapped: no weights are loaded)
+        model_type = checkpoint_model_type(path, sha256=sha)
+    except CheckpointError as err:
+        if official is not None:
+            return [Check("sam.checkpoint", FAIL, f"sam.checkpoint: {path} is not the official {meant} "
+                          f"checkpoint (sha256 {sha}, expected {official.sha256}) and cannot be used: {err}",
+                          f"if the download was incomplete or corrupted, delete it and run 'cellseg1d models "
+                          f"fetch {meant} --model-dir {path.parent}'", details)]
+        return [Check("sam.checkpoint", FAIL, f"sam.checkpoint: {err}", fetch, details)]
+    details["model_type"] = model_type
+    if sam.model_type is not None and sam.model_type != model_type:
+        return [Check("sam.checkpoint", FAIL, f"sam.checkpoint: {path} is a {model_type} checkpoint (read from "
+                      f"its shapes) but sam.model_type is {sam.model_type!r}",
+                      f"leave sam.model_type out (the backbone is read from the checkpoint), or point "
+                      f"sam.checkpoint at a {sam.model_type} checkpoint", details)]
+    ctx.base_model_type = model_type
+    official = OFFICIAL.get(model_type)
     if official is not None and sha == official.sha256:
-        return [Check("sam.checkpoint", OK, f"{path}: the official {sam.model_type} checkpoint "
-                      f"({official.filename})", "", details)]
+        return [Check("sam.checkpoint", OK, f"{path}: the official {model_type} checkpoint "
+                      f"({official.filename}); backbone {model_type} read from the file", "", details)]
     if sam.allow_custom_checkpoint:
-        return [Check("sam.checkpoint", OK, f"{path}: a custom {sam.model_type} checkpoint (sha256 {sha[:12]}...), "
-                      "allowed by sam.allow_custom_checkpoint = true; only loading it at start proves it fits",
-                      "", details)]
+        return [Check("sam.checkpoint", OK, f"{path}: a custom {model_type} checkpoint (backbone read from its "
+                      f"shapes; sha256 {sha[:12]}...), allowed by sam.allow_custom_checkpoint = true; only "
+                      "loading it at start proves it fits", "", details)]
     if official is None:
-        return [Check("sam.checkpoint", FAIL, f"sam.checkpoint: {path}: model type {sam.model_type!r} has no "
-                      "official checkpoint to verify it against",
+        return [Check("sam.checkpoint", FAIL, f"sam.checkpoint: {path}: model type {model_type!r} (read from its "
+                      "shapes) has no official checkpoint to verify it against",
                       "set sam.allow_custom_checkpoint = true for a custom base", details)]
-    return [Check("sam.checkpoint", FAIL, f"sam.checkpoint: {path} is not the official {sam.model_type} "
-                  f"checkpoint (sha256 {sha}, expected {official.sha256})",
+    return [Check("sam.checkpoint", FAIL, f"sam.checkpoint: {path} is not the official {model_type} "
+                  f"checkpoint (sha256 {sha}, expected {official.sha256}); its shapes are {model_type}'s",
                   f"if the download was incomplete or corrupted, delete it and run 'cellseg1d models fetch "
-                  f"{sam.model_type} --model-dir {path.parent}'; for a fine-tuned base set "
+                  f"{model_type} --model-dir {path.parent}'; for a fine-tuned base set "
                   "sam.allow_custom_checkpoint = true", details)]
 
 
@@ -647,18 +671,22 @@ def _weights_problems(key: str, folder: Path, meta: Any, registered: str | None)
 def _base_problem(ctx: Context, model_type: str, base_sha: str) -> str | None:
     """Why an adapter trained on (``model_type``, ``base_sha``) does not fit the configured SAM, or None.
 
-    The checkpoint's sha256 is compared when the checkpoint check could hash it, else only the model type.
+    The checkpoint's sha256 and backbone are compared when the checkpoint check could read them, else only
+    the configured sam.model_type (when set).
     """
     from cellseg1d.registry import BaseModel, base_mismatch
 
     sam = ctx.config.sam
     if sam.checkpoint is None:
         return None
-    if ctx.base_sha256 is None:
-        if model_type != sam.model_type:
+    if ctx.base_model_type is None:  # the checkpoint row could not read the backbone
+        if sam.model_type is not None and model_type != sam.model_type:
             return f"it was trained on a {model_type} SAM but sam.model_type is {sam.model_type}"
+        if ctx.base_sha256 is not None and base_sha != ctx.base_sha256:
+            return (f"it was trained on base checkpoint sha256 {base_sha} but sam.checkpoint has sha256 "
+                    f"{ctx.base_sha256}")
         return None
-    return base_mismatch(model_type, base_sha, BaseModel(sam.model_type, ctx.base_sha256, "sam.checkpoint"))
+    return base_mismatch(model_type, base_sha, BaseModel(ctx.base_model_type, ctx.base_sha256, "sam.checkpoint"))
 
 
 def check_fallback_adapter(ctx: Context) -> list[Check]:

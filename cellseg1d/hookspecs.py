@@ -131,6 +131,16 @@ def segment(plane: np.ndarray, request: SegmentRequest) -> Segmentation | None:
     for the classical fallback (``request.fallback``: model segmenters
     return None).
 
+    A plane larger than ``executor.block_size`` arrives block by block
+    (possibly on different workers). ``request.stats`` (a
+    :class:`~cellseg1d.types.PlaneStats`) then holds intensity statistics of
+    the WHOLE plane: min, max, percentiles and a regular-grid sample per
+    channel. A segmenter that normalises intensities or computes a threshold
+    should take them from ``request.stats`` so that every block of a plane is
+    treated alike (the built-in segmenters do); one that ignores them still
+    works, but a cell's outline may then depend on its block. ``stats`` is
+    also set for planes segmented whole.
+
     Put ``model_type``, ``checkpoint_sha256``, ``adapter`` ({name, version,
     sha256} or None) and ``settings`` in ``Segmentation.details``: they are
     recorded as the result's provenance.

@@ -79,7 +79,7 @@ def sha256_of(path: Path) -> str:
 
 
 def configured_base(config: Config) -> BaseModel | None:
-    """The base model of the ``[sam]`` settings (hashing the checkpoint), or None when SAM is off."""
+    """The base model of the ``[sam]`` settings (hashing the checkpoint, reading its backbone), or None when off."""
     checkpoint = config.sam.checkpoint
     if checkpoint is None:
         return None
@@ -90,7 +90,15 @@ def configured_base(config: Config) -> BaseModel | None:
                         config.executor.kind)
             return None
         raise RegistryError(f"setting sam.checkpoint: {checkpoint} does not exist; correct the path")
-    return BaseModel(config.sam.model_type, sha256_of(checkpoint), f"sam.checkpoint ({checkpoint})")
+    from cellseg1d.model.checkpoint import CheckpointError, checkpoint_model_type
+
+    sha256 = sha256_of(checkpoint)
+    try:  # the backbone is read from the checkpoint (from its hash when official); sam.model_type is a check
+        model_type = checkpoint_model_type(checkpoint, sha256=sha256, expected=config.sam.model_type,
+                                           setting="sam.model_type")
+    except CheckpointError as err:
+        raise RegistryError(f"setting sam.checkpoint: {err}") from None
+    return BaseModel(model_type, sha256, f"sam.checkpoint ({checkpoint})")
 
 
 def check_name(name: str) -> str:

@@ -14,6 +14,7 @@ This module provides both halves:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import zarr
+from scipy import ndimage
 
 __all__ = [
     "make_cells",
@@ -231,6 +233,41 @@ def make_cells(
     cells = _place_cells(shape, n_cells, radius, rng, min_gap)
     image = _add_noise(_render_nuclei(cells, shape), rng)
     return image, _render_mask(cells, shape)
+
+
+def make_realistic_cells(
+    shape: tuple[int, int],
+    n_cells: int,
+    radius: tuple[float, float] = (6, 12),
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """A harder image than :func:`make_cells`: what real widefield nuclei images look like.
+
+    Cells of very different brightness (a quarter to all of the brightest),
+    with texture inside; a textured background; illumination that falls off
+    by half from the brightest corner to the opposite one; noise. Whatever
+    normalises or thresholds on part of the image only (a block) sees other
+    numbers than on the whole.
+
+    Returns
+    -------
+    image : float32 (Y, X), roughly 0..1
+    mask : uint32 (Y, X), labels 1..N
+    """
+    shape = (int(shape[0]), int(shape[1]))
+    rng = np.random.default_rng(seed)
+    cells = _place_cells(shape, n_cells, radius, rng, 2.0)
+    for index, cell in enumerate(cells):
+        cells[index] = dataclasses.replace(cell, intensity=float(rng.uniform(0.25, 1.0)))
+    signal = _render_nuclei(cells, shape)
+    texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 2.0)
+    texture /= max(float(np.abs(texture).max()), 1e-9)
+    signal *= 1.0 + 0.25 * texture  # chromatin-like texture inside the cells
+    background = 0.06 + 0.03 * ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 6.0) / 0.05
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
+    illumination = 1.0 - 0.5 * (yy / max(shape[0] - 1, 1) + xx / max(shape[1] - 1, 1)) / 2.0
+    image = (signal + np.clip(background, 0.0, None)) * illumination + rng.normal(0.0, 0.02, shape)
+    return image.astype(np.float32), _render_mask(cells, shape)
 
 
 def to_uint16(image: np.ndarray) -> np.ndarray:

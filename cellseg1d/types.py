@@ -51,6 +51,50 @@ class AdapterRef:
         return {"name": self.name, "version": self.version, "sha256": self.sha256}
 
 
+@dataclass(frozen=True, eq=False)
+class ChannelStats:
+    """Intensity statistics of one channel over a whole plane (finite values only)."""
+
+    min: float
+    max: float
+    #: Value at each percentile of :data:`STATS_PERCENTILES`, as ``(percentile, value)`` pairs.
+    percentiles: tuple[tuple[float, float], ...]
+    #: float32 (h, w): the plane shrunk by ``sample_stride`` (the mean of every sy x sx cell,
+    #: non-finite values as 0; at most :data:`STATS_SAMPLE_SIZE` values), for statistics a segmenter
+    #: computes itself (a threshold on the smoothed plane, for one).
+    sample: np.ndarray
+    #: Full-resolution pixels per sample value along y and x ((1, 1): the sample is the plane).
+    sample_stride: tuple[int, int] = (1, 1)
+
+    def percentile(self, q: float) -> float:
+        """The value at percentile ``q`` (one of :data:`STATS_PERCENTILES`)."""
+        for known, value in self.percentiles:
+            if known == q:
+                return value
+        raise KeyError(f"percentile {q} is not in the plane statistics (known: "
+                       f"{', '.join(str(k) for k, _ in self.percentiles)})")
+
+
+#: Percentiles every :class:`ChannelStats` holds.
+STATS_PERCENTILES = (0.5, 1.0, 99.5, 99.8)
+#: Most sample values per channel.
+STATS_SAMPLE_SIZE = 65536
+
+
+@dataclass(frozen=True, eq=False)
+class PlaneStats:
+    """Statistics of the whole plane a block belongs to, one entry per channel of the request's plane.
+
+    A plane split into blocks (``executor.block_size``) is segmented block by
+    block; segmenters that normalise or threshold use these so that a cell's
+    outline does not depend on which block it falls in.
+    """
+
+    channels: tuple[ChannelStats, ...]
+    #: Where they were computed: ``"plane"`` (full resolution) or ``"level N"`` (a pyramid level).
+    source: str = "plane"
+
+
 @dataclass(frozen=True)
 class SegmentRequest:
     """What a segmenter is asked to segment (the plane itself is passed beside it)."""
@@ -70,6 +114,9 @@ class SegmentRequest:
     #: True when the experiment has no adapter and its root says "classical": model
     #: segmenters should return None and let the classical segmenter answer.
     fallback: bool = False
+    #: Intensity statistics of the whole plane (every block of a plane gets the same); None
+    #: for callers that give none (then a segmenter uses the plane it is given).
+    stats: PlaneStats | None = None
 
 
 @dataclass

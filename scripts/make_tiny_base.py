@@ -63,9 +63,15 @@ def cells(seed: int, shape: tuple[int, int] = SHAPE) -> tuple[np.ndarray, np.nda
 
 
 def settings(steps: int) -> TrainSettings:
+    # The stored base was pretrained before training followed the CellSeg1 reference rule by rule.
+    # The named alternatives below keep what a from-scratch pretraining needs (BCE on background
+    # prompts, an annealed schedule, robust stretch, no whole-image resize); tile positions and prompt
+    # sampling are now the reference's, so a new run gives a similar base, not the same bytes.
     return TrainSettings(
         image_size=IMAGE_SIZE, tile=TILE, epochs=10**6, max_steps=steps, batch_size=4, grad_accum=1,
         lr=1e-3, seed=SEED, train_all=True, device="cpu", max_cells=8, max_negatives=4, dice_weight=1.0,
+        mask_loss_on="all", schedule="annealed", normalize="percentile", resize_to=None, augment_fill="median",
+        mixed_precision=False,
     )
 
 

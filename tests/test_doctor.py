@@ -308,16 +308,26 @@ def test_checkpoint_with_a_wrong_checksum(setup: Setup, capsys: pytest.CaptureFi
     assert rc == 1
     message = failing(report)["sam.checkpoint"]
     assert message.startswith(f"sam.checkpoint: {fake} is not the official vit_b checkpoint")
-    assert "allow_custom_checkpoint" in row(report, "sam.checkpoint")["fix"]
+    assert "cellseg1d models fetch vit_b" in row(report, "sam.checkpoint")["fix"]
+
+
+def tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """A small random SAM checkpoint ("tiny" spec): the doctor reads its backbone from the shapes."""
+    import torch
+
+    from cellseg1d.model.sam import build_sam
+
+    torch.manual_seed(seed)
+    torch.save(build_sam("tiny", 256).state_dict(), path)
+    return path
 
 
 def test_custom_checkpoint_allowed(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
-    fake = setup.tmp / "finetuned.pth"
-    fake.write_bytes(os.urandom(4096))
+    fake = tiny_checkpoint(setup.tmp / "finetuned.pth")
     setup.write(f'[sam]\ncheckpoint = "{fake}"\nallow_custom_checkpoint = true\n')
     rc, report, _ = doctor(capsys, "--config", str(setup.config_file))
     assert rc == 0, failing(report)
-    assert "custom vit_b checkpoint" in row(report, "sam.checkpoint")["message"]
+    assert "custom tiny checkpoint" in row(report, "sam.checkpoint")["message"]
 
 
 def test_unknown_plugin(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
@@ -406,8 +416,7 @@ def with_adapter(setup: Setup) -> tuple[Setup, Any]:
     """SAM on (a custom tiny checkpoint) and adapter hela@v1 registered and assigned to experiment hela."""
     from cellseg1d.registry import BaseModel, Registry, sha256_of
 
-    checkpoint = setup.tmp / "tiny.pth"
-    checkpoint.write_bytes(os.urandom(2048))
+    checkpoint = tiny_checkpoint(setup.tmp / "tiny.pth")
     setup.write(f'[sam]\ncheckpoint = "{checkpoint}"\nmodel_type = "tiny"\nallow_custom_checkpoint = true\n')
     config = setup.config()
     base = BaseModel("tiny", sha256_of(checkpoint))
@@ -440,8 +449,7 @@ def test_assigned_adapter_intact_then_modified(with_adapter: tuple[Setup, Any],
 def test_assigned_adapter_of_another_base(with_adapter: tuple[Setup, Any],
                                           capsys: pytest.CaptureFixture[str]) -> None:
     setup, _ = with_adapter
-    other = setup.tmp / "other.pth"
-    other.write_bytes(os.urandom(2048))  # the daemon now runs another base checkpoint
+    other = tiny_checkpoint(setup.tmp / "other.pth", seed=1)  # the daemon now runs another base checkpoint
     setup.write(f'[sam]\ncheckpoint = "{other}"\nmodel_type = "tiny"\nallow_custom_checkpoint = true\n')
     rc, report, _ = doctor(capsys, "--config", str(setup.config_file))
     assert rc == 1

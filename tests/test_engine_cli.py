@@ -35,7 +35,7 @@ def test_train_then_segment(tmp_path: Path) -> None:
     (tmp_path / "masks").mkdir()
     write_labels(tmp_path / "masks" / "cells_mask.tif", mask)
     write_labels(tmp_path / "masks" / "other.tif", mask[::-1])  # must not be picked: pairing is by name
-    model = ["--checkpoint", str(ckpt), "--model-type", "tiny", "--allow-custom-checkpoint", "--image-size", "256"]
+    model = ["--checkpoint", str(ckpt), "--allow-custom-checkpoint", "--image-size", "256"]  # backbone: from the file
 
     out = run("train", str(tmp_path / "cells.png"), "--mask", str(tmp_path / "masks"), "--out",
               str(tmp_path / "adapter"), *model, "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1")
@@ -50,8 +50,12 @@ def test_train_then_segment(tmp_path: Path) -> None:
     labels = read_labels(tmp_path / "pred.tif")
     assert labels.shape == mask.shape and labels.dtype.kind == "u"
 
+    # the backbone is read from the checkpoint; --model-type is a check
     refused = run("train", str(tmp_path / "cells.png"), "--mask", str(tmp_path / "masks"), "--out",
                   str(tmp_path / "adapter2"), "--checkpoint", str(ckpt), "--model-type", "vit_b")
+    assert refused.returncode == 2 and "is a tiny SAM" in refused.stderr and "--model-type is 'vit_b'" in refused.stderr
+    refused = run("train", str(tmp_path / "cells.png"), "--mask", str(tmp_path / "masks"), "--out",
+                  str(tmp_path / "adapter2"), "--checkpoint", str(ckpt))  # a custom file needs the option
     assert refused.returncode == 2 and "sha256" in refused.stderr
     wrong = tmp_path / "wrong.tif"
     write_labels(wrong, np.zeros((50, 50), np.uint16))

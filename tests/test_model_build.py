@@ -129,14 +129,17 @@ def test_custom_type_without_official_hash_needs_allow_custom(
         load_sam(path, "tiny")
 
 
-def test_official_hash_mismatch_refused(tiny_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> None:
+def test_official_hash_mismatch_refused(monkeypatch: pytest.MonkeyPatch,
+                                       tiny_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> None:
     path, _ = tiny_checkpoint
+    # the hash is checked against the official one of the type read from the file
+    monkeypatch.setitem(OFFICIAL, "tiny", OfficialCheckpoint("tiny.pth", "e" * 64, "http://127.0.0.1/x"))
     with pytest.raises(CheckpointError) as caught:
-        load_sam(path, "vit_b")
+        load_sam(path)
     message = str(caught.value)
     assert "sha256" in message and str(path) in message
-    assert OFFICIAL["vit_b"].sha256 in message and sha256_file(path) in message
-    assert "allow_custom=True" in message and "cellseg1d models fetch vit_b" in message
+    assert OFFICIAL["tiny"].sha256 in message and sha256_file(path) in message
+    assert "allow_custom=True" in message and "cellseg1d models fetch tiny" in message
 
 
 def test_official_hash_accepted(monkeypatch: pytest.MonkeyPatch,
@@ -149,7 +152,7 @@ def test_official_hash_accepted(monkeypatch: pytest.MonkeyPatch,
 
 def test_checkpoint_of_another_type_is_refused(tiny_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> None:
     path, _ = tiny_checkpoint
-    with pytest.raises(CheckpointError, match="does not fit a vit_b SAM.*wrong shape"):
+    with pytest.raises(CheckpointError, match="is a tiny SAM .* but model_type is 'vit_b'"):
         load_sam(path, "vit_b", allow_custom=True)
 
 

@@ -248,7 +248,7 @@ def test_upgrade_from_0001_keeps_rows(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_adapters_cli(tmp_path: Path, make_adapter) -> None:
     checkpoint = tmp_path / "base.pth"
-    torch.save({"x": torch.zeros(1)}, checkpoint)  # only its sha256 matters to the registry
+    torch.save(build_sam("tiny", 64).state_dict(), checkpoint)  # its sha256, and its backbone read from the shapes
     sha = sha256_of(checkpoint)
     config = tmp_path / "cellseg1d.toml"
     config.write_text(f'state_dir = "{tmp_path / "state"}"\n[sam]\ncheckpoint = "{checkpoint}"\n'

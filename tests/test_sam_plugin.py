@@ -67,9 +67,11 @@ def test_daemon_refuses_to_start_with_bad_checkpoint(tmp_path, acquisition, tiny
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="junk.pth"):
         Daemon(sam_config(tmp_path, acquisition, junk))
-    # an official type whose sha256 does not match is refused unless custom checkpoints are allowed
+    # the backbone is read from the file: a sam.model_type that differs is refused
+    with pytest.raises(ConfigError, match="is a tiny SAM .* but sam.model_type is 'vit_b'"):
+        Daemon(sam_config(tmp_path, acquisition, tiny_checkpoint, model_type="vit_b"))
+    # a file that is not the official one of its type is refused unless custom checkpoints are allowed
     with pytest.raises(ConfigError, match="sha256"):
-        Daemon(sam_config(tmp_path, acquisition, tiny_checkpoint, model_type="vit_b",
-                          allow_custom_checkpoint=False))
+        Daemon(sam_config(tmp_path, acquisition, tiny_checkpoint, model_type=None, allow_custom_checkpoint=False))
     with pytest.raises(ConfigError, match="does not exist|not found|no such"):
         Daemon(sam_config(tmp_path, acquisition, tmp_path / "missing.pth"))

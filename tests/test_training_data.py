@@ -13,8 +13,11 @@ from cellseg1d.model.data import (
     PromptSettings,
     TrainingDataError,
     augment,
+    chamfer_distance,
     collate_items,
     make_tiles,
+    renumber_labels,
+    resize_linear_exact,
     sample_prompts,
     to_uint8_rgb,
 )
@@ -36,13 +39,15 @@ def cells() -> tuple[np.ndarray, np.ndarray]:
 
 def test_grayscale_is_rescaled_and_stacked() -> None:
     image = np.linspace(1000, 5000, 100 * 80, dtype=np.float64).reshape(100, 80).astype(np.uint16)
-    rgb = to_uint8_rgb(image)
-    assert rgb.shape == (100, 80, 3) and rgb.dtype == np.uint8
-    assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
-    assert rgb.min() == 0 and rgb.max() == 255
-    # robust: a single hot pixel does not squash the rest of the range
+    for mode in ("minmax", "percentile"):
+        rgb = to_uint8_rgb(image, normalize=mode)
+        assert rgb.shape == (100, 80, 3) and rgb.dtype == np.uint8
+        assert np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
+        assert rgb.min() == 0 and rgb.max() == 255
+    # min-max (the reference): a single hot pixel squashes the rest; the percentile stretch is robust to it
     image[0, 0] = 65535
-    assert to_uint8_rgb(image)[50, 40, 0] > 100
+    assert to_uint8_rgb(image)[50, 40, 0] < 30
+    assert to_uint8_rgb(image, normalize="percentile")[50, 40, 0] > 100
 
 
 def test_channels_map_to_rgb() -> None:
@@ -56,9 +61,12 @@ def test_channels_map_to_rgb() -> None:
     one = to_uint8_rgb(rng.random((5, 32, 40)), channels=2)
     assert np.array_equal(one[..., 0], one[..., 2])
     flat = to_uint8_rgb(np.full((16, 16), 7.0))
-    assert flat.max() == 0
+    assert flat.min() == flat.max() == 7  # a constant image is clipped to 0..255, not stretched
     already = rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)
-    assert np.array_equal(to_uint8_rgb(already), already)
+    assert np.array_equal(to_uint8_rgb(already, normalize="percentile"), already)
+    full = already.copy()
+    full[0, 0] = (0, 255, 0)
+    assert np.array_equal(to_uint8_rgb(full), full)  # joint range already 0..255: unchanged
 
 
 def test_too_many_channels_says_what_to_do() -> None:
@@ -76,36 +84,41 @@ def test_too_many_channels_says_what_to_do() -> None:
 def test_tile_count_and_overlap() -> None:
     image, mask = make_cells((512, 512), 60, seed=1)
     tiles = make_tiles(image, mask, tile=256, overlap=0.5, min_items=32)
-    # starts 0, 128, 256 in both directions: 9 tiles, repeated 4 times -> 36 >= 32
-    assert len(tiles) == 36
+    # cellpose's positions: starts 0, 85, 170, 256 in both directions: 16 tiles, repeated 32 // 16 + 1 = 3 times
+    assert len(tiles) == 48
     assert all(t.shape == (256, 256, 3) and m.shape == (256, 256) for t, m in tiles)
     rgb = to_uint8_rgb(image)
     assert np.array_equal(tiles[0][0], rgb[:256, :256])
-    assert np.array_equal(tiles[1][1], mask[:256, 128:384])  # 50% overlap with tile 0
-    assert np.array_equal(tiles[8][1], mask[256:, 256:])
-    assert np.array_equal(tiles[9][1], tiles[0][1])  # the list repeats
+    assert np.array_equal(tiles[1][1], renumber_labels(mask[:256, 85:341]))  # 2/3 overlap with tile 0
+    assert np.array_equal(tiles[15][1], renumber_labels(mask[256:, 256:]))
+    assert np.array_equal(tiles[16][1], tiles[0][1])  # the list repeats
 
     # a non-multiple size: the last tile is aligned with the edge
     tiles = make_tiles(image[:, :300], mask[:, :300], tile=256, min_items=1)
-    assert len(tiles) == 3 * 2
-    assert np.array_equal(tiles[1][1], mask[:256, 44:300])
+    assert len(tiles) == 4 * 3  # 300 px: ceil(2 * 300 / 256) = 3 tiles at 0, 22, 44
+    assert np.array_equal(tiles[2][1], renumber_labels(mask[:256, 44:300]))
 
 
-def test_small_images_get_square_tiles_of_their_smaller_side() -> None:
+def test_small_images_are_upscaled_to_the_tile() -> None:
     image, mask = make_cells((100, 300), 20, seed=2)
     tiles = make_tiles(image, mask, tile=256, min_items=1)
-    assert {t.shape for t, _ in tiles} == {(100, 100, 3)}
-    assert len(tiles) == len(range(0, 201, 50))  # stride 50, starts 0..200
+    # the short side is resized to the tile (the reference's resize_to_short_edge): (256, 768)
+    assert {t.shape for t, _ in tiles} == {(256, 256, 3)}
+    assert len(tiles) == 6
 
 
-def test_resize_to_longest_side() -> None:
+def test_resize_to_a_size_or_the_longest_side() -> None:
     image, mask = make_cells((200, 100), 12, seed=4)
-    tiles = make_tiles(image, mask, tile=512, min_items=1, resize_to=400)
-    # (200, 100) -> (400, 200); square tiles of the smaller side, stride 100: 3 tiles
-    assert len(tiles) == 3
+    tiles = make_tiles(image, mask, tile=200, min_items=1, resize_to=400)
+    # int: longest side, aspect kept: (200, 100) -> (400, 200); 4 tiles of 200 along the long side
+    assert len(tiles) == 4
     tile_image, tile_mask = tiles[0]
     assert tile_mask.shape == (200, 200) and tile_image.shape == (200, 200, 3)
-    assert set(np.unique(tile_mask)) <= set(np.unique(mask))
+    assert np.array_equal(tile_image, resize_linear_exact(to_uint8_rgb(image), (400, 200))[:200])
+    assert set(np.unique(tile_mask)) <= set(range(13))
+    # (h, w): exactly that size, aspect not kept
+    tiles = make_tiles(image, mask, tile=128, min_items=1, resize_to=(256, 256))
+    assert len(tiles) == 16 and tiles[0][0].shape == (128, 128, 3)
 
 
 # --------------------------------------------------------------------------
@@ -212,10 +225,14 @@ def test_each_flip_moves_pixels_as_expected() -> None:
 
 
 def _top_region(mask: np.ndarray, cell: int, fraction: float) -> np.ndarray:
+    """The reference's region: chamfer distance in the cell's box, the int(fraction x area) largest."""
     inside = mask == cell
-    distance = ndimage.distance_transform_edt(np.pad(inside, 1))[1:-1, 1:-1]
-    values = distance[inside]
-    return inside & (distance >= np.quantile(values, 1 - fraction))
+    box = ndimage.find_objects(inside.astype(int))[0]
+    distance = np.zeros(mask.shape, dtype=np.float32)
+    distance[box] = chamfer_distance(inside[box])
+    distance[~inside] = 0
+    k = int(inside.sum() * fraction)
+    return inside & (distance >= np.sort(distance.ravel())[-k])
 
 
 def test_positive_points_lie_in_the_top_of_their_cells_distance_transform(cells) -> None:
@@ -234,37 +251,37 @@ def test_small_and_border_cells_are_skipped() -> None:
     mask = np.zeros((100, 100), dtype=np.uint8)
     mask[40:52, 40:52] = 1  # 144 px, well inside
     mask[10:17, 60:67] = 2  # 49 px: too small
-    mask[0:12, 20:32] = 3  # touches the top edge
-    mask[80:92, 85:97] = 4  # 3 px from the right edge
+    mask[0:12, 20:32] = 3  # touches the top edge, reaches beyond the 5 px band: kept
+    mask[80:92, 96:100] = 4  # 48 px, entirely within 5 px of the right edge
     mask[70:82, 20:32] = 5  # 18 px from the bottom edge
-    rules = PromptSettings(min_cell_area=100, border=5, negative_ratio=0)
+    rules = PromptSettings(min_cell_area=40, border=5, negative_ratio=0)
     prompts = sample_prompts(mask, np.random.default_rng(0), rules)
-    assert sorted(prompts.cell_ids.tolist()) == [1, 5]
-    rules = PromptSettings(min_cell_area=40, border=0, negative_ratio=0)
+    assert sorted(prompts.cell_ids.tolist()) == [1, 2, 3, 5]
+    rules = PromptSettings(min_cell_area=100, border=0, negative_ratio=0)
     prompts = sample_prompts(mask, np.random.default_rng(0), rules)
-    assert sorted(prompts.cell_ids.tolist()) == [1, 2, 3, 4, 5]
+    assert sorted(prompts.cell_ids.tolist()) == [1, 3, 5]
 
 
 def test_at_most_max_cells_positive_points(cells) -> None:
     _, mask = cells
     prompts = sample_prompts(mask, np.random.default_rng(0), PromptSettings(min_cell_area=20, border=4, max_cells=7))
-    assert (prompts.labels == 1).sum() == 7
+    assert (prompts.labels == 1).sum() == 7  # 7 cells picked, all usable here
 
 
 def test_negative_points_in_the_far_background_with_caps(cells) -> None:
     _, mask = cells
     prompts = sample_prompts(mask, np.random.default_rng(1), SMALL_RULES)
-    n_pos = int((prompts.labels == 1).sum())
+    n_cells = len(np.unique(mask)) - 1
     negatives = prompts.labels == 0
-    background = mask == 0
-    bg_area = int(background.sum())
-    assert negatives.sum() == min(n_pos // 2, 30, bg_area // 1000 + 1)
-    distance = ndimage.distance_transform_edt(background)
-    threshold = np.quantile(distance[background], 0.8)
+    # the border counts as foreground: distances in the mask padded with foreground by `border`
+    padded = chamfer_distance(np.pad(mask == 0, 4))
+    distance, flat = padded[4:-4, 4:-4], padded.ravel()
+    threshold = np.sort(flat)[-int(np.count_nonzero(flat) * 0.2)]
+    candidates = int(np.count_nonzero(flat >= threshold))
+    assert negatives.sum() == min(-(-n_cells // 2), 30, candidates // 1000 + 1)
     for x, y in prompts.points[negatives].astype(int):
         assert mask[y, x] == 0 and distance[y, x] >= threshold
     assert np.all(prompts.cell_ids[negatives] == 0)
-    assert len({tuple(p) for p in prompts.points[negatives].tolist()}) == negatives.sum()
 
     # the background-area cap: 1 + area // 1000
     capped = sample_prompts(mask, np.random.default_rng(1), PromptSettings(
@@ -299,7 +316,7 @@ def test_dataset_items(cells) -> None:
     tiles = make_tiles(image, mask, tile=96, min_items=8)
     dataset = CellTileDataset(tiles, image_size=128, seed=1, prompts=SMALL_RULES)
     assert len(dataset) >= 8
-    item = dataset[0]
+    item = next(it for it in (dataset[i] for i in range(len(dataset))) if it is not None)
     n = item["points"].shape[0]
     assert item["image"].shape == (3, 128, 128) and item["image"].dtype == torch.float32
     assert 0 <= float(item["image"].min()) and float(item["image"].max()) <= 255
@@ -310,18 +327,19 @@ def test_dataset_items(cells) -> None:
     positives = item["cell_prob"] == 1
     assert torch.all(item["cell_prob"][~positives] == 0)
     assert n > 0 and positives.any()
-    # a positive target covers its point; negative targets are empty
+    # a positive target is its cell's (0/1) mask near its point; negative targets are empty
     for (x, y), target in zip(item["points"][positives], item["targets"][positives], strict=True):
-        assert target[int(y) // 4, int(x) // 4] > 0
-        assert float(target.max()) == 1.0
+        assert target[max(0, int(y) // 4 - 1) : int(y) // 4 + 2, max(0, int(x) // 4 - 1) : int(x) // 4 + 2].max() > 0
+        assert set(torch.unique(target).tolist()) == {0.0, 1.0}
     assert float(item["targets"][~positives].sum()) == 0.0
 
-    again = CellTileDataset(tiles, image_size=128, seed=1, prompts=SMALL_RULES)[0]
+    first = next(i for i in range(len(dataset)) if dataset[i] is not None)
+    again = CellTileDataset(tiles, image_size=128, seed=1, prompts=SMALL_RULES)[first]
     assert all(torch.equal(item[k], again[k]) for k in item)
     dataset.set_epoch(1)
-    other = dataset[0]
-    assert not torch.equal(item["image"], other["image"])
+    other = dataset[first]
+    assert other is None or not torch.equal(item["image"], other["image"])
     assert sorted(dataset.order(3).tolist()) == list(range(len(dataset)))
 
-    batch = collate_items([dataset[0], dataset[1]])
+    batch = collate_items([item, item])
     assert batch["image"].shape == (2, 3, 128, 128) and len(batch["points"]) == 2

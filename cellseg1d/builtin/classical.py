@@ -28,5 +28,5 @@ def params_from_config(config: object | None) -> ClassicalParams:
 def segment(plane: np.ndarray, request: SegmentRequest) -> Segmentation:
     """Threshold + distance-transform watershed on the selected channels."""
     params = params_from_config(request.config)
-    labels = segment_classical(plane, params)
+    labels = segment_classical(plane, params, request.stats)
     return Segmentation(labels=labels, segmenter=NAME, details={"params": asdict(params)})

@@ -104,12 +104,12 @@ class ModelHolder:
         device = pick_device(settings.device)
         started = time.perf_counter()
         sam, info = load_sam(settings.checkpoint, settings.model_type, settings.image_size,
-                             allow_custom=settings.allow_custom_checkpoint)
+                             allow_custom=settings.allow_custom_checkpoint, setting="sam.model_type")
         sam.to(device).eval()
         cache = AdapterCache(sam, settings.adapter_cache_size, expect_base_sha256=info.sha256)
-        log.info("loaded SAM base model %s (%s) on %s in %.1f s", settings.model_type, info.sha256[:12], device,
+        log.info("loaded SAM base model %s (%s) on %s in %.1f s", info.model_type, info.sha256[:12], device,
                  time.perf_counter() - started)
-        return BaseSam(cache, device, settings.model_type, info.sha256, key)
+        return BaseSam(cache, device, info.model_type, info.sha256, key)  # the type read from the checkpoint
 
     def adapter_changes(self) -> int:
         """Adapter switches (the active adapter changed) on every loaded base model, in total."""
@@ -204,7 +204,7 @@ def segment_rgb(model: Any, rgb: np.ndarray, settings: Any) -> np.ndarray:
 def settings_record(settings: Any) -> dict[str, Any]:
     """The segmentation settings recorded in provenance."""
     record = dataclasses.asdict(inference_settings(settings))
-    record.update(tile=settings.tile, tile_overlap=settings.tile_overlap)
+    record.update(tile=settings.tile, tile_overlap=settings.tile_overlap, normalize=settings.normalize)
     return record
 
 
@@ -236,6 +236,17 @@ def configure(config: Any) -> None:
                 activate(base, None, config.sam)
 
 
+def stretch_ranges(stats: Any, normalize: str) -> list[tuple[float, float]] | None:
+    """The whole plane's range of each channel for the 8-bit conversion (None without statistics)."""
+    if stats is None:
+        return None
+    if normalize == "minmax":
+        return [(c.min, c.max) for c in stats.channels]
+    from cellseg1d.model.data import HIGH_PERCENTILE, LOW_PERCENTILE
+
+    return [(c.percentile(LOW_PERCENTILE), c.percentile(HIGH_PERCENTILE)) for c in stats.channels]
+
+
 @hookimpl
 def segment(plane: np.ndarray, request: SegmentRequest) -> Segmentation | None:
     """CellSeg1 automatic segmentation; None (let others answer) when SAM is off or the job wants the fallback."""
@@ -245,7 +256,7 @@ def segment(plane: np.ndarray, request: SegmentRequest) -> Segmentation | None:
     from cellseg1d.model.data import to_uint8_rgb
 
     base = HOLDER.base(settings)
-    rgb = to_uint8_rgb(plane)
+    rgb = to_uint8_rgb(plane, normalize=settings.normalize, ranges=stretch_ranges(request.stats, settings.normalize))
     with base.lock:  # one plane at a time on the shared model, with this job's adapter
         started = time.perf_counter()
         used = activate(base, request.adapter, settings)

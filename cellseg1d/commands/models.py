@@ -19,7 +19,7 @@ def fetch(model_type: str, model_dir: Path | None, url: str | None = None) -> Pa
 
     path = fetch_checkpoint(model_type, model_dir or default_model_dir(), url=url)
     Console().print(f"[green]ok[/green] {model_type}: {path}\n"
-                    f"set it in the config: [sam] checkpoint = \"{path}\", model_type = \"{model_type}\"")
+                    f"set it in the config: [sam] checkpoint = \"{path}\" (the backbone is read from the file)")
     return path
 
 

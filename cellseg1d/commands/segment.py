@@ -32,6 +32,11 @@ def segment_command(args: argparse.Namespace) -> int:
 
     console = Console()
     settings = sam_settings(args)
+    if settings.model_type is not None and settings.checkpoint is not None and settings.checkpoint.is_file():
+        from cellseg1d.model.checkpoint import checkpoint_model_type
+
+        # the backbone is read from the checkpoint; --model-type only checks it (shapes only: cheap)
+        checkpoint_model_type(settings.checkpoint, expected=settings.model_type, setting="--model-type")
     image = Path(args.image).resolve()
     started = time.perf_counter()
     if is_ome_zarr(image) and args.out is None:
@@ -57,7 +62,7 @@ def segment_command(args: argparse.Namespace) -> int:
 
         model = sam_plugin.HOLDER.get(settings)
         plane = read_image(image, [int(c) if str(c).isdigit() else c for c in args.channel])
-        labels = sam_plugin.segment_rgb(model, to_uint8_rgb(plane), settings)
+        labels = sam_plugin.segment_rgb(model, to_uint8_rgb(plane, normalize=settings.normalize), settings)
         write_labels(args.out, labels)
         console.print(f"{image}: {int(labels.max())} objects -> {args.out}")
     console.print(f"took {time.perf_counter() - started:.1f} s")

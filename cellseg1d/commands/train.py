@@ -98,27 +98,30 @@ def train_command(args: argparse.Namespace, config: Any = None) -> int:
     if (out / "adapter.safetensors").exists():
         raise ConfigError(f"{out} already holds an adapter; choose another --out folder")
     sam, info = load_sam(args.checkpoint, args.model_type, args.image_size,
-                         allow_custom=args.allow_custom_checkpoint)
+                         allow_custom=args.allow_custom_checkpoint, setting="--model-type")
+    model_type = info.model_type  # read from the checkpoint; --model-type is only a check
     if registry is not None and registry.base is not None and (
-            registry.base.model_type, registry.base.sha256) != (args.model_type, info.sha256):
+            registry.base.model_type, registry.base.sha256) != (model_type, info.sha256):
         raise ConfigError(
-            f"--checkpoint {args.checkpoint} ({args.model_type}, sha256 {info.sha256}) is not the daemon's base "
+            f"--checkpoint {args.checkpoint} ({model_type}, sha256 {info.sha256}) is not the daemon's base "
             f"model ({registry.base.source}: {registry.base.model_type}, sha256 {registry.base.sha256}); the "
             "daemon would refuse the adapter. Train on the daemon's checkpoint.")
     settings = TrainSettings(
         epochs=args.epochs, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
         seed=args.seed, image_size=args.image_size, train_all=args.train_all, max_steps=args.max_steps,
-        device=args.device,
+        device=args.device, schedule=getattr(args, "schedule", "reference"),
+        dropout_mode=getattr(args, "dropout_mode", "output"),
+        mixed_precision=bool(getattr(args, "mixed_precision", False)),
     )
     console.print(f"training on {image_path} ({int(mask.max())} labelled cells, mask {mask_path}) "
-                  f"with SAM {args.model_type}")
+                  f"with SAM {model_type}")
     resume_file = out.with_name(f".{out.name}.resume.pt")
     started = time.perf_counter()
     result = train_adapter(sam, image, mask, settings, checkpoint_path=resume_file, resume=args.resume)
     seconds = time.perf_counter() - started
     name = args.name or experiment or out.name
     metadata = AdapterMetadata(
-        name=name, base_model_type=args.model_type, base_checkpoint_sha256=info.sha256,
+        name=name, base_model_type=model_type, base_checkpoint_sha256=info.sha256,
         rank=settings.rank, dropout=settings.dropout, image_size=settings.image_size,
         training_image_fingerprint=fingerprint_array(image),
         settings={**asdict(settings), "image": str(image_path), "mask": str(mask_path)},

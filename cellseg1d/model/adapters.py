@@ -162,16 +162,31 @@ def save_adapter(model: PeftModel, directory: str | os.PathLike[str], metadata: 
     tensors = {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
     if not tensors:
         raise AdapterError(f"adapter {adapter_name!r} has no weights to save")
+    final = replace(metadata, rank=int(config.r), dropout=float(config.lora_dropout),
+                    image_size=int(sam.image_encoder.img_size))
+    return write_adapter(tensors, directory, final, overwrite=overwrite)
 
+
+def write_adapter(tensors: dict[str, torch.Tensor], directory: str | os.PathLike[str], metadata: AdapterMetadata,
+                  *, overwrite: bool = True) -> Path:
+    """Write LoRA ``tensors`` (peft state-dict keys) and ``metadata`` as an adapter directory; the directory.
+
+    The weights' SHA-256 is recorded in the metadata. Files are written to a
+    temporary sibling directory that then replaces ``directory`` (an existing
+    adapter there is replaced unless ``overwrite`` is False). The caller
+    vouches that rank and image size in ``metadata`` describe the tensors.
+    """
+    directory = Path(directory)
+    if directory.exists() and not overwrite:
+        raise AdapterError(f"adapter directory {directory} already exists")
+    tensors = {key: value.detach().to("cpu").contiguous() for key, value in tensors.items()}
     directory.parent.mkdir(parents=True, exist_ok=True)
     temporary = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
     temporary.mkdir()
     try:
         weights = temporary / WEIGHTS_FILE
         save_file(tensors, str(weights), metadata={"format": "pt"})
-        final = replace(metadata, rank=int(config.r), dropout=float(config.lora_dropout),
-                        image_size=int(sam.image_encoder.img_size), format_version=FORMAT_VERSION,
-                        weights_sha256=sha256_file(weights))
+        final = replace(metadata, format_version=FORMAT_VERSION, weights_sha256=sha256_file(weights))
         with (temporary / METADATA_FILE).open("w", encoding="utf-8") as handle:
             handle.write(final.to_json())
             handle.flush()
@@ -238,6 +253,25 @@ def _read_weights(directory: Path, metadata: AdapterMetadata, sam: Sam) -> dict[
                                                 ("wrong shape", wrong)) if keys)
         raise AdapterError(f"adapter {directory} does not fit this base model ({details})")
     return tensors
+
+
+def read_adapter_weights(directory: str | os.PathLike[str]) -> tuple[AdapterMetadata, dict[str, torch.Tensor]]:
+    """The metadata and LoRA tensors (peft keys) of the adapter in ``directory``, without a base model.
+
+    The weights' hash, keys and shapes are checked against an architecture of
+    the metadata's base model type (built on the meta device: no memory).
+    """
+    from cellseg1d.model.sam import build_sam
+
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    spec = SPECS.get(metadata.base_model_type)
+    if spec is None:
+        raise AdapterError(f"adapter {directory}: unknown base model type {metadata.base_model_type!r} "
+                           f"(known: {', '.join(SPECS)})")
+    with torch.device("meta"):
+        sam = split_qkv(build_sam(spec, metadata.image_size))
+    return metadata, _read_weights(directory, metadata, sam)
 
 
 def load_adapter(model: PeftModel | Sam, directory: str | os.PathLike[str], adapter_name: str | None = None,

@@ -5,43 +5,63 @@
 (:mod:`cellseg1d.model.lora`), and SAM's image encoder, prompt encoder and
 mask decoder are run with gradients, one point prompt per predicted mask,
 against the loss of :mod:`cellseg1d.model.losses`. Optimiser: AdamW over the
-trainable parameters only, OneCycleLR over all optimiser steps, gradient
-accumulation, a fixed seed.
+trainable parameters only (weight decay 0.01), OneCycleLR, gradient
+accumulation, a fixed seed. Every rule follows the CellSeg1 reference
+implementation by default (docs/engine.md, "Training: faithfulness to the
+reference"); where the reference looks like a mistake the corrected rule is
+a named setting.
 
-Steps and epochs: an epoch visits every item once (at least 32 tiles, in a
-shuffled order, batch ``batch_size``); an optimiser *step* accumulates the
-gradients of ``grad_accum`` batches. With the defaults and a 512 x 512 image
-(9 tiles x 4 = 36 items, 9 batches per epoch) 300 epochs are 338 steps.
+Epochs and steps (the reference's ``train_epoch``): an epoch visits every
+item once in a shuffled order, in batches of ``batch_size``; gradients are
+accumulated and an optimiser step is taken after every ``grad_accum``-th
+batch of the epoch and after its last batch (accumulation restarts every
+epoch). A batch holding an item without points is skipped (no step either
+when it falls on a step position). Each batch's loss is divided by
+``grad_accum``, the epoch's last batch's by the number of batches since the
+last step. With the defaults and a 512 x 512 image: 16 tiles x 3 = 48
+items, 12 batches, 2 steps per epoch, 600 steps in 300 epochs.
+
+Schedule (``schedule``): "reference" builds the one-cycle schedule for
+``epochs * (batches + grad_accum - 1) // grad_accum`` steps (712 for the
+defaults), more than are taken (600): training ends at lr ~3.5e-4, before
+the schedule's annealing; "annealed" builds it for the steps actually
+planned, so the rate anneals to ~0 at the end. ``max_steps`` stops early
+and compresses the schedule into the steps taken (keeping the reference's
+ratio of scheduled to taken steps).
 
 Interrupting (Ctrl-C) saves a resumable checkpoint to ``checkpoint_path``
-(trainable weights, optimiser, scheduler, step, random state) and raises
-:class:`TrainingInterrupted`, a ``KeyboardInterrupt``; calling again with
-``resume=True`` continues and ends exactly where an uninterrupted run ends.
+(trainable weights, optimiser, scheduler, step, position in the epoch,
+random state) and raises :class:`TrainingInterrupted`, a
+``KeyboardInterrupt``; calling again with ``resume=True`` continues and
+ends exactly where an uninterrupted run ends.
 
 Recipes
 -------
 The full recipe (the published one) is the default of :class:`TrainSettings`:
-SAM input 512, 300 epochs, batch 4 x 8 accumulated. It is meant for a GPU
-(CellSeg1 reports 36-71 min for vit_h on an RTX 4090).
+the image resized to 512 x 512, 256 px tiles, SAM input 512, 300 epochs,
+batch 4 x 8 accumulated, float32 (TF32 matrix products on CUDA, as the
+reference). It is meant for a GPU (CellSeg1 reports 36-71 min for vit_h on
+an RTX 4090); ``mixed_precision=True`` (bfloat16) is faster and not the
+reference's numerics.
 
 A shorter CPU recipe, for when no GPU is available::
 
-    TrainSettings(image_size=256, tile=128, epochs=60, batch_size=2, grad_accum=4)
+    TrainSettings(image_size=256, tile=128, resize_to=(256, 256), epochs=60, batch_size=2, grad_accum=4)
 
-It keeps the full recipe's 2x upscaling of tiles (128 px tiles to input 256,
-like 256 px tiles to 512), so cells look as large to the model as in the full
-recipe; segment with the same input size (a base built for 256 and inference
-``image_size=256``). Input 256 is about 4x cheaper per pass than 512, and 60
-epochs 5x fewer: roughly 20x less compute. The prompt-rule sizes
-(``min_cell_area``, ``border``) are in model-input pixels; left at None they
-follow the input size (100 px and 20 px at 512, 25 px and 10 px at 256).
+It keeps the full recipe's proportions (tiles half the resized image,
+upscaled 2x to the model input), so cells look as large to the model as in
+the full recipe; segment with the same input size (a base built for 256 and
+inference ``image_size=256``). Input 256 is about 4x cheaper per pass than
+512, and 60 epochs 5x fewer: roughly 20x less compute. The prompt-rule sizes
+(``min_cell_area``, ``border``) left at None follow the input size (100 px
+and 20 px at 512, 25 px and 10 px at 256).
 
 What is measured and what is not: the tests train the "tiny" test model on
-synthetic cells (a LoRA adapter moves a pretrained tiny base from mIoU 0.04
-to 0.45 on a new image style in 100 steps, ~1 min on one CPU thread). The
-accuracy of the CPU recipe against the full recipe with real backbones
-(vit_b/l/h) on real data is NOT measured: no GPU or official checkpoint was
-available. Prefer the full recipe on a GPU when accuracy matters.
+synthetic cells; ``bench/bench_train_schedule.py`` compares the schedules and
+dropout modes on it. The accuracy of the CPU recipe against the full recipe
+with real backbones (vit_b/l/h) on real data is NOT measured: no GPU or
+official checkpoint was available. Prefer the full recipe on a GPU when
+accuracy matters.
 
 On small shared CPUs set ``torch.set_num_threads(1)`` (or the number of free
 cores): oversubscribed threads made training steps 4-30x slower in our
@@ -71,6 +91,9 @@ from torch import nn
 
 from cellseg1d.errors import CellsegError
 from cellseg1d.model.data import (
+    FILL_MODES,
+    NORMALIZE_MODES,
+    UNAUGMENTED_MODES,
     AugmentSettings,
     CellTileDataset,
     PromptSettings,
@@ -78,32 +101,40 @@ from cellseg1d.model.data import (
     make_tiles,
 )
 from cellseg1d.model.device import autocast, autocast_dtype, pick_device
-from cellseg1d.model.losses import cellseg1_loss
+from cellseg1d.model.losses import MASK_LOSS_MODES, cellseg1_loss
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "SCHEDULES",
     "StepInfo",
     "TrainResult",
+    "TrainingPlan",
     "TrainSettings",
     "TrainingInterrupted",
     "fit",
     "forward_prompts",
+    "make_scheduler",
     "train_adapter",
+    "training_plan",
 ]
 
 CHECKPOINT_FORMAT = "cellseg1d-training-checkpoint"
-_CHECKPOINT_VERSION = 1
+_CHECKPOINT_VERSION = 2
+#: One-cycle schedules: "reference" (built for more steps than are taken) or "annealed".
+SCHEDULES = ("reference", "annealed")
 #: Settings that change the training trajectory: a checkpoint resumes only with equal values.
 _TRAJECTORY_FIELDS = (
     "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "pct_start", "seed", "rank", "dropout",
     "tile", "overlap", "min_items", "resize_to", "image_size", "train_all", "augment", "max_cells",
     "min_cell_area", "border", "top_fraction", "max_negatives", "negative_ratio", "channels", "dice_weight",
+    "schedule", "dropout_mode", "mask_loss_on", "augment_fill", "unaugmented", "normalize", "mixed_precision",
+    "tf32",
 )
 
 
 @dataclass
 class TrainSettings:
-    """Settings of one adapter training (the CellSeg1 recipe by default)."""
+    """Settings of one adapter training (the CellSeg1 reference's recipe by default)."""
 
     epochs: int = 300
     batch_size: int = 4
@@ -112,19 +143,25 @@ class TrainSettings:
     #: Peak learning rate of the one-cycle schedule.
     lr: float = 3e-3
     weight_decay: float = 0.01
-    #: Fraction of the steps spent warming up to ``lr``.
+    #: Fraction of the scheduled steps spent warming up to ``lr``.
     pct_start: float = 0.3
+    #: "reference": one-cycle over ``epochs * (batches + grad_accum - 1) // grad_accum`` steps
+    #: (more than are taken, so the rate never anneals); "annealed": over the steps taken.
+    schedule: str = "reference"
     seed: int = 0
     #: LoRA rank and dropout.
     rank: int = 4
     dropout: float = 0.1
-    #: Tile side and overlap (pixels of the training image, after ``resize_to``).
+    #: "output": dropout on the adapted projections' whole output (the reference); "input": peft's.
+    dropout_mode: str = "output"
+    #: Tile side and overlap (pixels of the training image, after ``resize_to``; cellpose's tile positions).
     tile: int = 256
     overlap: float = 0.5
-    #: Tiles are repeated until an epoch has at least this many items.
+    #: The reference's ``duplicate_data``: n < min_items tiles are repeated min_items // n + 1 times.
     min_items: int = 32
-    #: Resize the training image first so that its longest side is this long.
-    resize_to: int | None = None
+    #: Resize the training image first: (height, width) exactly (the reference's 512 x 512, aspect not
+    #: kept), an int: the longest side (aspect kept), None: not at all.
+    resize_to: int | tuple[int, int] | None = (512, 512)
     #: SAM input size (multiple of 16); the base model must be built for it.
     image_size: int = 512
     #: Train every weight of the base as well (small/custom bases only).
@@ -133,21 +170,33 @@ class TrainSettings:
     max_steps: int | None = None
     #: "auto" (CUDA, else MPS, else CPU), "cuda", "cuda:N", "mps" or "cpu".
     device: str = "auto"
-    #: bfloat16 autocast where supported (CUDA); float32 elsewhere.
-    mixed_precision: bool = True
-    #: Random augmentations (off: tiles are only resized, for debugging).
+    #: bfloat16 autocast where supported (CUDA); off: float32, the reference's numerics.
+    mixed_precision: bool = False
+    #: TF32 matrix products and convolutions on CUDA during training (the reference allows them).
+    tf32: bool = True
+    #: Random augmentations (off: no augmentation at all).
     augment: bool = True
+    #: Pixels an augmentation maps from outside the tile: "zero" (black, the reference) or "median".
+    augment_fill: str = "zero"
+    #: Without augmentation: "pad" (the tile as it is, SAM pads it: the reference) or "resize".
+    unaugmented: str = "pad"
     #: Channels of a multi-channel image to train on (see ``to_uint8_rgb``).
     channels: tuple[int, ...] | None = None
+    #: Image to 8 bits: "minmax" (the reference) or "percentile" (see ``to_uint8_rgb``).
+    normalize: str = "minmax"
     #: Masks with fewer cells are refused.
     min_cells: int = 3
+    #: Prompts in the mask (BCE) loss: "cells" (cell probability 1, the reference) or "all".
+    mask_loss_on: str = "cells"
     #: Weight of an extra Dice loss (0 in CellSeg1; for pretraining small models from scratch).
     dice_weight: float = 0.0
-    # Point-prompt rules (see data.PromptSettings), in pixels of the model input.
+    # Point-prompt rules (see data.PromptSettings), in pixels of the tile (and of the model input after
+    # augmentation).
+    #: At most this many positive and this many negative points per item (the reference's max_point_num).
     max_cells: int = 30
     #: Cells of this area or less get no prompt; None: 100 at input 512, scaled by (image_size / 512)**2.
     min_cell_area: int | None = None
-    #: Cells closer than this to the item's edge get no prompt; None: 20 at input 512, scaled by image_size / 512.
+    #: The edge band (the reference's edge_distance); None: 20 at input 512, scaled by image_size / 512.
     border: int | None = None
     top_fraction: float = 0.2
     negative_ratio: float = 0.5
@@ -167,11 +216,22 @@ class TrainSettings:
             raise ValueError(f"lr must be positive, got {self.lr}")
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
+        for name, allowed in (("schedule", SCHEDULES), ("dropout_mode", ("output", "input")),
+                              ("mask_loss_on", MASK_LOSS_MODES), ("augment_fill", FILL_MODES),
+                              ("unaugmented", UNAUGMENTED_MODES), ("normalize", NORMALIZE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.channels is not None:
             self.channels = tuple(int(c) for c in self.channels)
+        if isinstance(self.resize_to, (list, tuple)):
+            if len(self.resize_to) != 2 or min(int(v) for v in self.resize_to) < 1:
+                raise ValueError(f"resize_to must be (height, width), an int or None, got {self.resize_to!r}")
+            self.resize_to = (int(self.resize_to[0]), int(self.resize_to[1]))
+        elif self.resize_to is not None and int(self.resize_to) < 1:
+            raise ValueError(f"resize_to must be positive, got {self.resize_to!r}")
 
     def prompt_settings(self) -> PromptSettings:
-        """The point-prompt rules in pixels of the model input (defaults scaled from input 512)."""
+        """The point-prompt rules in pixels (defaults scaled from input 512)."""
         factor = self.image_size / 512
         min_area = self.min_cell_area if self.min_cell_area is not None else int(round(100 * factor**2))
         border = self.border if self.border is not None else int(round(20 * factor))
@@ -183,6 +243,10 @@ class TrainSettings:
             negative_ratio=self.negative_ratio,
             max_negatives=self.max_negatives,
         )
+
+    def augment_settings(self) -> AugmentSettings | None:
+        """The augmentations (None when ``augment`` is off)."""
+        return AugmentSettings(fill=self.augment_fill) if self.augment else None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -261,7 +325,9 @@ def forward_prompts(
     sam : Sam
         The model (its LoRA layers, if any, in place).
     images : torch.Tensor
-        (B, 3, S, S) RGB 0..255 on the model's device, S the encoder's input size.
+        (B, 3, H, W) RGB 0..255 on the model's device, H, W at most the
+        encoder's input size S (SAM normalises and pads them to S x S, as the
+        reference does with its un-augmented 256 px tiles).
     points, point_labels : sequences of B tensors
         (N_i, 2) float (x, y) input-pixel coordinates and (N_i,) labels (1
         foreground, 0 background) of image i; each point is its own prompt.
@@ -289,7 +355,7 @@ def forward_prompts(
         all_logits.append(logits)
         all_iou.append(iou)
     if not all_logits:
-        low = images.shape[-1] // 4
+        low = sam.image_encoder.img_size // 4
         # Keep the graph connected so that backward() works on an all-empty batch.
         zero = embeddings.sum() * 0.0
         return zero + images.new_zeros((0, 1, low, low)), zero + images.new_zeros((0, 1))
@@ -367,6 +433,12 @@ def _load_checkpoint(path: Path, settings: TrainSettings, total_steps: int, fing
         raise TrainingError(f"cannot resume: {path} is not a readable training checkpoint ({exc})") from exc
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise TrainingError(f"cannot resume: {path} is not a cellseg1d training checkpoint")
+    if payload.get("version") != _CHECKPOINT_VERSION:
+        raise TrainingError(
+            f"cannot resume from {path}: it was written by another version of the training loop "
+            f"(checkpoint version {payload.get('version')}, this one reads {_CHECKPOINT_VERSION}); start afresh "
+            "with resume=False"
+        )
     saved = payload.get("settings", {})
     current = settings.to_dict()
     different = [
@@ -401,23 +473,73 @@ def _normalise(value: Any) -> Any:
 # --------------------------------------------------------------------------
 
 
-def _plan(n_items: int, settings: TrainSettings) -> tuple[int, int, int]:
-    """(batches per epoch, batches in total, optimiser steps in total)."""
+@dataclass(frozen=True)
+class TrainingPlan:
+    """How many batches and optimiser steps a training takes, and what the schedule is built for."""
+
+    #: Batches per epoch (the last one may be smaller).
+    batches_per_epoch: int
+    #: Optimiser steps per epoch when no batch is skipped: ceil(batches / grad_accum).
+    steps_per_epoch: int
+    #: Steps to take (epochs x steps_per_epoch, or max_steps if smaller).
+    total_steps: int
+    #: Steps the one-cycle schedule is built for (>= total_steps).
+    scheduler_steps: int
+
+
+def training_plan(n_items: int, settings: TrainSettings) -> TrainingPlan:
+    """The plan of a training on ``n_items`` items (see the module docstring).
+
+    48 items, the defaults: 12 batches and 2 steps per epoch, 600 steps, a
+    schedule for 300 * 19 // 8 = 712 steps ("reference") or 600 ("annealed").
+    """
     per_epoch = math.ceil(n_items / settings.batch_size)
-    total_batches = settings.epochs * per_epoch
-    total_steps = math.ceil(total_batches / settings.grad_accum)
-    if settings.max_steps is not None:
-        total_steps = min(total_steps, settings.max_steps)
-    return per_epoch, min(total_batches, total_steps * settings.grad_accum), total_steps
+    steps_per_epoch = math.ceil(per_epoch / settings.grad_accum)
+    planned = settings.epochs * steps_per_epoch
+    if settings.schedule == "reference":
+        scheduled = settings.epochs * (per_epoch + settings.grad_accum - 1) // settings.grad_accum
+    else:
+        scheduled = planned
+    total = planned if settings.max_steps is None else min(planned, settings.max_steps)
+    if total < planned:
+        scheduled = math.ceil(total * scheduled / planned)
+    return TrainingPlan(per_epoch, steps_per_epoch, total, max(scheduled, total, 2))
 
 
-def _batch_indices(dataset: CellTileDataset, batch: int, per_epoch: int, batch_size: int,
-                   orders: dict[int, np.ndarray]) -> tuple[int, np.ndarray]:
-    epoch, j = divmod(batch, per_epoch)
-    if epoch not in orders:
-        orders.clear()
-        orders[epoch] = dataset.order(epoch)
-    return epoch, orders[epoch][j * batch_size : (j + 1) * batch_size]
+def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings,
+                   plan: TrainingPlan) -> torch.optim.lr_scheduler.OneCycleLR:
+    """The one-cycle schedule of ``plan`` (peak ``settings.lr``, warm-up ``pct_start``, PyTorch's defaults else)."""
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=settings.lr, total_steps=plan.scheduler_steps, pct_start=settings.pct_start
+    )
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device, enabled: bool) -> Iterator[None]:
+    """Allow (or forbid) TF32 on CUDA for the block, restoring the previous flags after it."""
+    if device.type != "cuda":
+        yield
+        return
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def _valid_batch(items: list[dict[str, Any] | None]) -> list[dict[str, Any]] | None:
+    """The batch's items without the dropped ones; None when the reference skips the batch.
+
+    The reference drops an item whose points all left the image from its
+    batch, and skips a batch that is then empty or holds an item without
+    points (``is_valid_batch``).
+    """
+    kept = [item for item in items if item is not None]
+    if not kept or any(item["points"].shape[0] == 0 for item in kept):
+        return None
+    return kept
 
 
 class _Progress:
@@ -479,17 +601,18 @@ def fit(
             f"the model is built for input size {sam.image_encoder.img_size} but the training items are "
             f"{dataset.image_size}; build the base with image_size={dataset.image_size} or change image_size"
         )
-    per_epoch, total_batches, total_steps = _plan(len(dataset), settings)
+    plan = training_plan(len(dataset), settings)
+    total_steps = plan.total_steps
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=settings.lr, total_steps=max(total_steps, 2), pct_start=settings.pct_start
-    )
+    scheduler = make_scheduler(optimizer, settings, plan)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
     fingerprint = _fingerprint(dataset) if path is not None else ""
     losses: list[float] = []
     mask_losses: list[float] = []
     iou_losses: list[float] = []
     step = 0
+    position = (0, 0)  # (epoch, batch) the next batch comes from
+    skipped = 0
     if resume:
         if path is None:
             raise TrainingError("resume=True needs the checkpoint_path of the interrupted training")
@@ -508,16 +631,21 @@ def fit(
         scheduler.load_state_dict(payload["scheduler"])
         _set_rng_state(payload["rng"], device)
         step = int(payload["step"])
+        position = (int(payload["position"][0]), int(payload["position"][1]))
+        skipped = int(payload.get("skipped", 0))
         losses, mask_losses, iou_losses = (list(payload["losses"]), list(payload["mask_losses"]),
                                            list(payload["iou_losses"]))
     start_step = step
     boundary_rng = _rng_state(device)
+    boundary = (position, skipped)
 
     def checkpoint_payload() -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
             "version": _CHECKPOINT_VERSION,
             "step": step,
+            "position": list(boundary[0]),
+            "skipped": boundary[1],
             "total_steps": total_steps,
             "data": fingerprint,
             "settings": settings.to_dict(),
@@ -531,44 +659,66 @@ def fit(
         }
 
     bar = _Progress(progress, total_steps, step)
-    orders: dict[int, np.ndarray] = {}
+    per_epoch, accum, size = plan.batches_per_epoch, settings.grad_accum, settings.batch_size
     model.train()
+    optimizer.zero_grad(set_to_none=True)
     try:
-        while step < total_steps:
-            first = step * settings.grad_accum
-            batches = range(first, min(first + settings.grad_accum, total_batches))
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = step_mask = step_iou = 0.0
-            for batch in batches:
-                epoch, indices = _batch_indices(dataset, batch, per_epoch, settings.batch_size, orders)
+        with _tf32(device, settings.tf32):
+            epoch, first_batch = position
+            while epoch < settings.epochs and step < total_steps:
                 dataset.set_epoch(epoch)
-                items = collate_items([dataset[int(i)] for i in indices])
-                images = items["image"].to(device)
-                points = [p.to(device) for p in items["points"]]
-                labels = [lab.to(device) for lab in items["point_labels"]]
-                with autocast(device, amp_dtype):
-                    logits, iou = forward_prompts(sam, images, points, labels)
-                targets = torch.cat(items["targets"]).to(device)
-                cell_prob = torch.cat(items["cell_prob"]).to(device)
-                parts = cellseg1_loss(logits.float(), iou.float(), targets, cell_prob,
-                                      dice_weight=settings.dice_weight)
-                (parts.total / len(batches)).backward()
-                step_loss += float(parts.total.detach()) / len(batches)
-                step_mask += parts.mask / len(batches)
-                step_iou += parts.iou / len(batches)
-            lr = optimizer.param_groups[0]["lr"]
-            with _defer_sigint():
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                losses.append(step_loss)
-                mask_losses.append(step_mask)
-                iou_losses.append(step_iou)
-                boundary_rng = _rng_state(device)
-            bar.update(step, step_loss)
-            if on_step is not None:
-                on_step(StepInfo(step=step, total_steps=total_steps, loss=step_loss, mask_loss=step_mask,
-                                 iou_loss=step_iou, lr=lr, seconds=time.perf_counter() - started))
+                order = dataset.order(epoch)
+                in_group = 0  # batches since the last step (the reference's actual_ga_step), reset every epoch
+                group: list[tuple[float, float, float]] = []
+                used = 0
+                for batch in range(first_batch, per_epoch):
+                    items = _valid_batch([dataset[int(i)] for i in order[batch * size : (batch + 1) * size]])
+                    if items is None:
+                        skipped += 1
+                        continue
+                    used += 1
+                    collated = collate_items(items)
+                    images = collated["image"].to(device)
+                    points = [p.to(device) for p in collated["points"]]
+                    labels = [lab.to(device) for lab in collated["point_labels"]]
+                    with autocast(device, amp_dtype):
+                        logits, iou = forward_prompts(sam, images, points, labels)
+                    targets = torch.cat(collated["targets"]).to(device)
+                    cell_prob = torch.cat(collated["cell_prob"]).to(device)
+                    parts = cellseg1_loss(logits.float(), iou.float(), targets, cell_prob,
+                                          dice_weight=settings.dice_weight, mask_loss_on=settings.mask_loss_on)
+                    in_group += 1
+                    last = batch + 1 == per_epoch
+                    (parts.total / (in_group if last else accum)).backward()
+                    group.append((float(parts.total.detach()), parts.mask, parts.iou))
+                    if (batch + 1) % accum and not last:
+                        continue
+                    lr = optimizer.param_groups[0]["lr"]
+                    step_loss, step_mask, step_iou = (float(np.mean(v)) for v in zip(*group, strict=True))
+                    with _defer_sigint():
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        scheduler.step()
+                        step += 1
+                        in_group, group = 0, []
+                        losses.append(step_loss)
+                        mask_losses.append(step_mask)
+                        iou_losses.append(step_iou)
+                        boundary_rng = _rng_state(device)
+                        boundary = ((epoch + 1, 0) if last else (epoch, batch + 1), skipped)
+                    bar.update(step, step_loss)
+                    if on_step is not None:
+                        on_step(StepInfo(step=step, total_steps=total_steps, loss=step_loss, mask_loss=step_mask,
+                                         iou_loss=step_iou, lr=lr, seconds=time.perf_counter() - started))
+                    if step >= total_steps:
+                        break
+                if used == 0 and first_batch == 0:
+                    raise TrainingError(
+                        f"epoch {epoch}: every batch was skipped (an item without usable point prompts in each): "
+                        "the cells are too small or lie in the edge band; lower min_cell_area or border, or "
+                        "annotate more cells"
+                    )
+                epoch, first_batch = epoch + 1, 0
     except KeyboardInterrupt as exc:
         bar.close()
         model.eval()
@@ -599,19 +749,23 @@ def fit(
         device=str(device),
         settings=settings,
         n_items=len(dataset),
+        extra={"scheduler_steps": plan.scheduler_steps, "skipped_batches": skipped,
+               "last_lr": float(optimizer.param_groups[0]["lr"])},
     )
 
 
 def make_dataset(image: np.ndarray, mask: np.ndarray, settings: TrainSettings) -> CellTileDataset:
     """The training items of one image and its label mask under ``settings``."""
     tiles = make_tiles(image, mask, tile=settings.tile, overlap=settings.overlap, min_items=settings.min_items,
-                       resize_to=settings.resize_to, min_cells=settings.min_cells, channels=settings.channels)
+                       resize_to=settings.resize_to, min_cells=settings.min_cells, channels=settings.channels,
+                       normalize=settings.normalize)
     return CellTileDataset(
         tiles,
         image_size=settings.image_size,
         seed=settings.seed,
-        augment=AugmentSettings() if settings.augment else None,
+        augment=settings.augment_settings(),
         prompts=settings.prompt_settings(),
+        unaugmented=settings.unaugmented,
     )
 
 
@@ -632,8 +786,9 @@ def train_adapter(
     ----------
     sam : Sam or PeftModel
         A base SAM built for ``settings.image_size`` (modified in place: its
-        q/k/v projections are split and LoRA layers added), or a peft model
-        whose trainable parameters are trained as they are.
+        q/k/v projections are split and LoRA layers added, with
+        ``settings.dropout_mode``), or a peft model whose trainable parameters
+        are trained as they are.
     image : numpy.ndarray
         (H, W) or (C, H, W) image, any dtype (see ``to_uint8_rgb``).
     mask : numpy.ndarray
@@ -667,7 +822,8 @@ def train_adapter(
     dataset = make_dataset(image, mask, settings)
     torch.manual_seed(settings.seed)
     model = sam if isinstance(sam, PeftModel) else apply_lora(
-        sam, rank=settings.rank, dropout=settings.dropout, train_all=settings.train_all
+        sam, rank=settings.rank, dropout=settings.dropout, train_all=settings.train_all,
+        dropout_mode=settings.dropout_mode,
     )
     return fit(model, dataset, settings, progress=progress, checkpoint_path=checkpoint_path, resume=resume,
                on_step=on_step)

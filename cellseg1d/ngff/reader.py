@@ -250,13 +250,15 @@ class OmeImage:
         return count_missing_chunks(level.array, self.path / level.path)
 
     def read_plane(self, t: int, z: int, channels: Sequence[int],
-                   region: tuple[int, int, int, int] | None = None) -> np.ndarray:
+                   region: tuple[int, int, int, int] | None = None, level_index: int = 0) -> np.ndarray:
         """Read one full-resolution plane as a ``(C, Y, X)`` array of the stored dtype.
 
         ``region`` = ``(y0, x0, y1, x1)`` (exclusive ends) reads only that
-        window of the plane (a block segmented on its own).
+        window of the plane (a block segmented on its own). ``level_index``
+        reads the plane from a lower-resolution level of the pyramid instead
+        (its own t, z and c must match the full resolution's).
         """
-        level = self.levels[0]
+        level = self.levels[level_index]
         spans: dict[str, slice] = {}
         if region is not None:
             y0, x0, y1, x1 = region

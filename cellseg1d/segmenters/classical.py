@@ -34,6 +34,8 @@ from skimage.feature import peak_local_max
 from skimage.filters import threshold_li, threshold_otsu
 from skimage.segmentation import watershed
 
+from cellseg1d.types import ChannelStats, PlaneStats
+
 __all__ = ["ClassicalParams", "segment_classical"]
 
 #: Global threshold methods :func:`segment_classical` understands.
@@ -134,13 +136,16 @@ def _validate_plane(plane: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _normalise_channel(channel: np.ndarray) -> np.ndarray | None:
+def _normalise_channel(channel: np.ndarray, stats: ChannelStats | None = None) -> np.ndarray | None:
     """Map a channel's 1st..99.8th percentile range to 0..1, clipped.
 
     Parameters
     ----------
     channel : ndarray of float64, shape (Y, X)
         Finite values only.
+    stats : ChannelStats, optional
+        The whole plane's statistics: its percentiles are used instead of the
+        channel's own (a block of a plane is normalised like the plane).
 
     Returns
     -------
@@ -148,11 +153,15 @@ def _normalise_channel(channel: np.ndarray) -> np.ndarray | None:
         The normalised channel, or None if the channel is constant (it then
         carries no information).
     """
-    lo, hi = np.percentile(channel, [_NORM_LOW_PERCENTILE, _NORM_HIGH_PERCENTILE])
+    if stats is not None:
+        lo, hi, top = stats.percentile(_NORM_LOW_PERCENTILE), stats.percentile(_NORM_HIGH_PERCENTILE), stats.max
+    else:
+        lo, hi = np.percentile(channel, [_NORM_LOW_PERCENTILE, _NORM_HIGH_PERCENTILE])
+        top = channel.max()
     if not hi > lo:
         # Sparse images (bright objects on less than 0.2 % of the pixels) have
         # equal percentiles; fall back to the maximum so the objects survive.
-        hi = channel.max()
+        hi = top
     span = float(hi) - float(lo)
     if not (span > 0 and math.isfinite(span)):
         return None
@@ -161,15 +170,15 @@ def _normalise_channel(channel: np.ndarray) -> np.ndarray | None:
     return out
 
 
-def _normalised_intensity(arr: np.ndarray) -> np.ndarray | None:
+def _normalised_intensity(arr: np.ndarray, stats: PlaneStats | None = None) -> np.ndarray | None:
     """Average of the robustly normalised channels, or None if all are constant."""
     channels = arr[np.newaxis] if arr.ndim == 2 else arr
     total = np.zeros(channels.shape[1:], dtype=np.float64)
     n_informative = 0
-    for channel in channels:
+    for index, channel in enumerate(channels):
         values = channel.astype(np.float64, copy=True)
         values[~np.isfinite(values)] = 0.0  # NaN and +-inf count as 0
-        normalised = _normalise_channel(values)
+        normalised = _normalise_channel(values, stats.channels[index] if stats is not None else None)
         if normalised is not None:
             total += normalised
             n_informative += 1
@@ -212,8 +221,30 @@ def _relabel_sequential(labels: np.ndarray) -> np.ndarray:
     return lut[labels]
 
 
+def _plane_level(stats: PlaneStats, params: ClassicalParams) -> float | None:
+    """The threshold of the whole plane: on its statistics' sample, normalised and smoothed like a block.
+
+    The sample is the plane shrunk by area means over ``sample_stride``
+    cells, so the smoothing still to apply there is what remains of
+    ``sigma`` after that averaging (a mean over s pixels has the variance of
+    a Gaussian of sigma**2 = (s**2 - 1) / 12), in sample pixels.
+    """
+    sample = np.stack([c.sample.astype(np.float64) for c in stats.channels])
+    intensity = _normalised_intensity(sample, stats)
+    if intensity is None:
+        return None
+    if params.sigma > 0:
+        sy, sx = stats.channels[0].sample_stride
+        sigma = [math.sqrt(max(0.0, params.sigma**2 - (s * s - 1) / 12)) / s for s in (sy, sx)]
+        if max(sigma) > 0:
+            intensity = ndi.gaussian_filter(intensity, sigma=sigma, mode="nearest", truncate=4.0)
+    if not float(intensity.max()) > float(intensity.min()):
+        return None
+    return float(threshold_otsu(intensity) if params.threshold == "otsu" else threshold_li(intensity))
+
+
 def segment_classical(
-    plane: np.ndarray, params: ClassicalParams = ClassicalParams()
+    plane: np.ndarray, params: ClassicalParams = ClassicalParams(), stats: PlaneStats | None = None
 ) -> np.ndarray:
     """Segment cells in one plane with threshold + distance-transform watershed.
 
@@ -228,6 +259,12 @@ def segment_classical(
         averaged. Cells must be brighter than the background.
     params : ClassicalParams, optional
         Segmentation parameters; see :class:`ClassicalParams`.
+    stats : PlaneStats, optional
+        Statistics of the whole plane ``plane`` belongs to (a block of it):
+        the percentiles of the normalisation and the threshold come from the
+        plane, not from the block, so every block is segmented alike. The
+        threshold is then computed on the statistics' sample (the plane
+        shrunk by area means, smoothed by what remains of ``sigma``).
 
     Returns
     -------
@@ -257,17 +294,25 @@ def segment_classical(
     if arr.size == 0:
         return empty
 
-    intensity = _normalised_intensity(arr)
+    if stats is not None and len(stats.channels) != (1 if arr.ndim == 2 else arr.shape[0]):
+        raise ValueError(f"stats describe {len(stats.channels)} channel(s), the plane has "
+                         f"{1 if arr.ndim == 2 else arr.shape[0]}")
+    intensity = _normalised_intensity(arr, stats)
     if intensity is None:
         return empty
     if params.sigma > 0:
         intensity = ndi.gaussian_filter(
             intensity, sigma=float(params.sigma), mode="nearest", truncate=4.0
         )
-    if not float(intensity.max()) > float(intensity.min()):
+    if stats is None and not float(intensity.max()) > float(intensity.min()):
         return empty
 
-    if params.threshold == "otsu":
+    if stats is not None:
+        plane_level = _plane_level(stats, params)
+        if plane_level is None:
+            return empty
+        level = plane_level
+    elif params.threshold == "otsu":
         level = float(threshold_otsu(intensity))
     else:
         level = float(threshold_li(intensity))
