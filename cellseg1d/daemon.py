@@ -38,7 +38,8 @@ from cellseg1d.catalog import Adapter, JobState
 from cellseg1d.catalog.db import open_catalog, redact
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
-from cellseg1d.executor import ExecutorError, make_executor
+from cellseg1d.executor import ExecutorError, TaskFailed, make_executor
+from cellseg1d.executor.retry import ExecutorStreaks, executor_retry_delay
 from cellseg1d.jobs import ClaimedJob, ImageFacts, JobQueue, held_jobs, release_held, run_key, run_key_prefix
 from cellseg1d.logs import RepeatLimiter, log_context
 from cellseg1d.ngff.discover import container_of
@@ -188,6 +189,8 @@ class Daemon:
         self.roots = config.watch.roots
         #: Roots removed by a reload: their queued and running jobs still finish.
         self._retired_roots: list[WatchRoot] = []
+        #: Executor errors in a row (per job: its retry delay; for the daemon: logged once per streak).
+        self._executor_streaks = ExecutorStreaks()
         self.tracker = self._new_tracker(config)
         self.watcher: Watcher | None = None
         self._waiting_logged: set[Path] = set()
@@ -717,7 +720,7 @@ class Daemon:
             if adapter is None:
                 return self._failed(job, f"{path}: the adapter this job was queued with (id {job.adapter_id}) was "
                                     "removed from the registry; assign another one and run 'cellseg1d reprocess'",
-                                    permanent=True, plugin=None)
+                                    permanent=True, plugin=None, ran=False)
         heartbeat = Heartbeat(self.queue, job, max(1.0, self.config.jobs.lease_seconds / 3))
         heartbeat.start()
         started = time.perf_counter()
@@ -737,8 +740,10 @@ class Daemon:
         except PluginError as err:
             return self._failed(job, str(err), permanent=not err.transient, plugin=err.plugin,
                                 exports=_export_rows(err))
-        except ExecutorError as err:  # a worker died, the scheduler went away: retried with backoff
+        except TaskFailed as err:  # the task's own code failed on a worker: an attempt, as locally
             return self._failed(job, str(err), permanent=False, plugin=None)
+        except ExecutorError as err:  # the cluster failed around the task: retried, the attempt not counted
+            return self._executor_failed(job, err)
         except Exception as err:
             log.debug("job %d traceback:\n%s", job.job_id, traceback.format_exc())
             return self._failed(job, f"{type(err).__name__}: {err}", permanent=False, plugin=None)
@@ -751,6 +756,7 @@ class Daemon:
                                   result.export_outcomes, until=self.abort_event):
             log.warning("job %d finished but its lease had passed to another worker", job.job_id)
             return "released"
+        self._cluster_ran(job)
         log.info("done %s: %d objects by %s in %.2f s -> %s", path, result.object_count,
                  result.segmenter, seconds, result.labels_path)
         self._notify("image_done", image_path=str(path), result={
@@ -765,14 +771,51 @@ class Daemon:
             return adapter_ref(row) if row is not None and row.removed_at is None else None
 
     def _failed(self, job: ClaimedJob, error: str, *, permanent: bool, plugin: str | None,
-                exports: list[dict[str, Any]] | None = None) -> str:
-        """Record a failed attempt; returns the job's new state ("failed": a retry waits, or "quarantined")."""
+                exports: list[dict[str, Any]] | None = None, ran: bool = True) -> str:
+        """Record a failed attempt; returns the job's new state ("failed": a retry waits, or "quarantined").
+
+        ``ran``: the job went through the executor (the image or a plugin failed, not the cluster).
+        """
         state = self.catalog.retry(self.queue.fail, job, error, permanent=permanent, plugin=plugin,
                                    exports=exports, until=self.abort_event)
+        if ran:
+            self._cluster_ran(job)
         retry = state == "failed"  # a failed attempt waiting for its retry (quarantined: no retry)
         log.error("failed %s (job %d)%s: %s", job.image_path, job.job_id, " (will retry)" if retry else "", error)
         self._notify("image_failed", image_path=job.image_path, error=error, plugin=plugin, will_retry=retry)
         return "failed" if retry else "quarantined"
+
+    def _executor_failed(self, job: ClaimedJob, err: ExecutorError) -> str:
+        """Give the job back after an executor error: retried after a growing delay, its attempt not counted.
+
+        The first executor error since the cluster last ran a job is logged; the rest of the streak is
+        logged at debug level and counted (``cellseg1d_executor_errors_total``), and its end is logged.
+        No ``image_failed`` notification: the image did not fail.
+        """
+        streak, first = self._executor_streaks.failed(job.job_id)
+        delay = executor_retry_delay(self.config.jobs.retry_backoff_seconds, streak)
+        error = f"{err}; retrying in {delay:g} s, attempt not counted (an executor error, not the image's)"
+        if self.telemetry is not None:
+            self.telemetry.executor_error()
+        if not self.catalog.retry(self.queue.defer, job, error, delay, until=self.abort_event):
+            self._executor_streaks.forget(job.job_id)
+            log.warning("job %d failed on the cluster but its lease had passed to another worker", job.job_id)
+            return "released"
+        if first:
+            log.warning("cluster error on %s (job %d): %s. Jobs the cluster fails wait and are retried without "
+                        "counting an attempt; further cluster errors are logged at debug level and counted in "
+                        "cellseg1d_executor_errors_total until a job gets through the cluster again",
+                        job.image_path, job.job_id, error)
+        else:
+            log.debug("cluster error on %s (job %d, %d in a row for it): %s", job.image_path, job.job_id,
+                      streak, error)
+        return "failed"
+
+    def _cluster_ran(self, job: ClaimedJob) -> None:
+        """The executor ran ``job`` (whatever the image's outcome): a streak of executor errors has ended."""
+        ended = self._executor_streaks.ran(job.job_id)
+        if ended:
+            log.warning("the cluster runs jobs again (job %d) after %d cluster error(s)", job.job_id, ended)
 
     def _notify(self, hook: str, **kwargs: Any) -> None:
         try:

@@ -4,7 +4,8 @@
 
     held --adapter assigned--> queued --claim--> running --complete--> done
                                  ^                 |  \\--fail(permanent or attempts used up)--> failed
-                                 |                 \\--fail(transient)--> queued (next_attempt_at = now + backoff)
+                                 |                 |\\--fail(transient)--> queued (next_attempt_at = now + backoff)
+                                 |                 \\--defer(executor error)--> queued (attempt not counted)
                                  \\--release / lease expired (crash)--/
 
 Claiming is an optimistic conditional UPDATE (``WHERE state = 'queued'``), so
@@ -300,6 +301,21 @@ class JobQueue:
                 why = "permanent error" if permanent else f"{job.attempt} of {self.max_attempts} attempts failed"
                 add_event(s, job.job_id, JobEventKind.QUARANTINED, f"{why}: {error}", self.owner)
         return state
+
+    def defer(self, job: ClaimedJob, error: str, delay: float) -> bool:
+        """Give a job back after an executor error (the cluster, not the image, failed): ``failed`` with
+        ``error``, due again in ``delay`` seconds, its attempt not counted (it never counts towards
+        ``max_attempts``). False when the lease had passed to another worker (its outcome counts).
+        """
+        now = utcnow()
+        with self.catalog.session() as s:
+            if not s.execute(update(Job).where(self._owned(job.job_id)).values(
+                    state=JobState.FAILED, error=error, error_plugin=None, lease_owner=None, lease_expires_at=None,
+                    attempts=Job.attempts - 1, next_attempt_at=now + timedelta(seconds=delay))).rowcount:
+                return False
+            s.execute(update(Image).where(Image.id == job.image_id).values(
+                status=ImageStatus.QUEUED, error=error, updated_at=now))
+        return True
 
     def release(self, job: ClaimedJob) -> None:
         """Give an unfinished job back (shutdown): queued again, the attempt not counted."""

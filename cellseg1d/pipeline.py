@@ -36,6 +36,7 @@ from cellseg1d.exports import run_exports
 from cellseg1d.ngff.labels import LabelsTarget, StagedLabels
 from cellseg1d.ngff.names import check_output_name
 from cellseg1d.ngff.reader import OmeImage, open_image
+from cellseg1d.ngff.stats import image_plane_stats
 from cellseg1d.plugins import call_hook
 from cellseg1d.stitch import relabel_sequential as renumber
 from cellseg1d.stitch import stitch
@@ -212,11 +213,16 @@ class Pipeline:
             settings = self.config.executor
             regions = plane_regions(yx_shape, settings.block_size, settings.block_overlap)
             fingerprint, pixels = image.fingerprint, pixel_size(image)
+            # Blocks of one plane share the plane's intensity statistics (computed here, once per plane);
+            # a plane segmented whole gets them from the plane its worker reads.
+            stats = {(t, z): image_plane_stats(image, t, z, channels) if len(regions) > 1 else None
+                     for t, z in planes}
             tasks = [
                 SegmentTask(
                     image_path=image_path, fingerprint=fingerprint, t=t, z=z, channels=tuple(channels),
                     channel_names=channel_names, region=region, plane_shape=yx_shape, experiment=experiment,
                     adapter=adapter, fallback=fallback, pixel_size=pixels, config=self.config,
+                    stats=stats[t, z],
                 )
                 for t, z in planes for region in regions
             ]

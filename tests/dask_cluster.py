@@ -1,11 +1,16 @@
 """A real Dask cluster for tests: ``dask scheduler`` and ``dask worker`` subprocesses on loopback.
 
 :class:`DaskCluster` starts a scheduler on a free 127.0.0.1 port and workers
-with one thread each (no nanny: the worker process is the one that runs the
-tasks, so SIGKILL of it is a worker dying mid-task). Every process logs to a
-file under the cluster's folder; :meth:`DaskCluster.logs` returns them for
-failure messages. The ``dask_cluster`` fixture is a factory that stops every
-cluster it started at teardown.
+with one thread each. By default a worker runs without a nanny (the worker
+process is the one that runs the tasks, so SIGKILL of it is a worker dying
+mid-task); ``nanny=True`` starts them as ``dask worker`` does by default, a
+nanny process that starts (and restarts) the worker process, each nanny in a
+process group of its own so that a test can kill the nanny with its worker
+(:meth:`DaskCluster.kill_worker`) or the worker process alone, which the
+nanny then restarts (:meth:`DaskCluster.kill_worker_process`). Every process
+logs to a file under the cluster's folder; :meth:`DaskCluster.logs` returns
+them for failure messages. The ``dask_cluster`` fixture is a factory that
+stops every cluster it started at teardown.
 """
 
 from __future__ import annotations
@@ -46,8 +51,10 @@ class DaskCluster:
     """
 
     def __init__(self, folder: Path, env: dict[str, str] | None = None,
-                 pythonpath: tuple[Path, ...] = ()) -> None:
+                 pythonpath: tuple[Path, ...] = (), nanny: bool = False) -> None:
         self.folder = folder
+        #: Whether workers run under a nanny (``dask worker``'s default).
+        self.nanny = nanny
         self.folder.mkdir(parents=True, exist_ok=True)
         path = [str(p) for p in pythonpath] + [str(REPO)]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
@@ -63,12 +70,13 @@ class DaskCluster:
     def address(self) -> str:
         return f"tcp://127.0.0.1:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], group: bool = False) -> subprocess.Popen:
         log_path = self.folder / f"{name}.log"
         self._logs.append(log_path)
         with open(log_path, "ab") as log:
+            # group: a process group of its own (a nanny and the worker it starts die together)
             return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                                    env=self.env, cwd=REPO)
+                                    env=self.env, cwd=REPO, start_new_session=group)
 
     # -- starting ---------------------------------------------------------------
 
@@ -94,14 +102,16 @@ class DaskCluster:
             raise AssertionError(f"the Dask scheduler exited with {proc.returncode}:\n{self.logs()}")
 
     def add_worker(self) -> str:
-        """Start one more single-threaded worker (no nanny); returns its name (not waited for)."""
+        """Start one more single-threaded worker (with a nanny when the cluster has them); returns its name
+        (not waited for). With a nanny, ``workers[name]`` is the nanny process."""
         name = f"w{self._count}"
         self._count += 1
         self.workers[name] = self._spawn(
             f"worker-{name}",
             ["-m", "distributed.cli.dask_worker", self.address, "--name", name, "--nthreads", "1",
-             "--no-nanny", "--no-dashboard", "--host", "127.0.0.1", "--memory-limit", "0",
-             "--local-directory", str(self.folder / f"dask-{name}")],
+             "--nanny" if self.nanny else "--no-nanny", "--no-dashboard", "--host", "127.0.0.1",
+             "--memory-limit", "0", "--local-directory", str(self.folder / f"dask-{name}")],
+            group=self.nanny,
         )
         return name
 
@@ -135,6 +145,11 @@ class DaskCluster:
         except AssertionError as err:
             raise AssertionError(f"{err}\n{self.logs()}") from None
 
+    def worker_logs(self) -> list[str]:
+        """Each worker's (or nanny's, with the worker it started) log text."""
+        return [path.read_text(errors="replace") for path in self._logs
+                if path.name.startswith("worker-") and path.exists()]
+
     def logs(self) -> str:
         """Every process's log, labelled (for assertion messages)."""
         parts = []
@@ -146,14 +161,35 @@ class DaskCluster:
     # -- stopping ---------------------------------------------------------------
 
     def kill_worker(self, address: str) -> str:
-        """SIGKILL the worker process at ``address``; returns its name."""
+        """SIGKILL the worker at ``address`` for good (with its nanny: the whole process group); returns
+        its name."""
         name = self.worker_addresses().get(address)
         if name is None or name not in self.workers:
             raise AssertionError(f"no worker of this cluster at {address}: {self.worker_addresses()}")
-        proc = self.workers[name]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
+        self._kill(self.workers[name])
         return name
+
+    def kill_worker_process(self, address: str) -> int:
+        """SIGKILL only the worker process at ``address`` (its nanny starts a new one); returns its pid."""
+        from distributed import Client
+
+        with Client(self.address, timeout=10, set_as_default=False) as client:
+            pid = int(client.run(os.getpid, workers=[address])[address])
+        os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def _kill(self, proc: subprocess.Popen) -> None:
+        if self.nanny:  # the nanny and the worker process it started (also when the nanny died first)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        elif proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
 
     def kill_scheduler(self) -> None:
         """SIGKILL the scheduler (its workers stay, and notice on their own)."""
@@ -162,26 +198,27 @@ class DaskCluster:
             self.scheduler.wait(timeout=30)
 
     def stop(self) -> None:
-        """SIGKILL every process this cluster started."""
-        procs = [*self.workers.values(), *([self.scheduler] if self.scheduler else [])]
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-        for proc in procs:
+        """SIGKILL every process this cluster started (with a nanny, the worker processes it started too)."""
+        for proc in self.workers.values():
+            self._kill(proc)
+        if self.scheduler is not None:
+            if self.scheduler.poll() is None:
+                self.scheduler.send_signal(signal.SIGKILL)
             try:
-                proc.wait(timeout=30)
+                self.scheduler.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 pass
 
 
 @pytest.fixture
 def dask_cluster(tmp_path: Path) -> Iterator:
-    """Factory ``dask_cluster(n_workers=2, env=None, pythonpath=())`` -> a started :class:`DaskCluster`."""
+    """Factory ``dask_cluster(n_workers=2, env=None, pythonpath=(), nanny=False)`` -> a started
+    :class:`DaskCluster`."""
     clusters: list[DaskCluster] = []
 
     def _start(n_workers: int = 2, env: dict[str, str] | None = None,
-               pythonpath: tuple[Path, ...] = ()) -> DaskCluster:
-        cluster = DaskCluster(tmp_path / f"dask{len(clusters)}", env, pythonpath)
+               pythonpath: tuple[Path, ...] = (), nanny: bool = False) -> DaskCluster:
+        cluster = DaskCluster(tmp_path / f"dask{len(clusters)}", env, pythonpath, nanny)
         clusters.append(cluster)
         return cluster.start(n_workers)
 

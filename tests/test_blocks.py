@@ -117,14 +117,17 @@ def check_cells(labels: np.ndarray, truth: np.ndarray) -> None:
     assert found == n_cells, f"{found} objects for {n_cells} cells (extra: duplicated or spurious)"
 
 
-def run(image: Path, executor_settings: dict[str, Any], labels_name: str, executor: Any = None) -> tuple[Any, np.ndarray]:
-    """The real pipeline on ``image`` (classical segmenter); the result and its published level-0 labels."""
+def run(image: Path, executor_settings: dict[str, Any], labels_name: str, executor: Any = None,
+        extra: dict[str, Any] | None = None) -> tuple[Any, np.ndarray]:
+    """The real pipeline on ``image`` (classical segmenter unless ``extra`` configures another); the
+    result and its published level-0 labels (Y, X)."""
     root = image.parent
     config = build_config({
         "state_dir": str(root / ".state"),
         "watch": {"roots": [{"path": str(root)}]},
         "segmentation": {"labels_name": labels_name},
         "executor": executor_settings,
+        **(extra or {}),
     })
     pm = build_plugin_manager(config.plugins.enable, config.plugins.disable)
     pm.hook.configure(config=config)
@@ -133,7 +136,7 @@ def run(image: Path, executor_settings: dict[str, Any], labels_name: str, execut
     published = path / "labels" / labels_name
     assert Path(result.labels_path) == published
     level0 = np.asarray(zarr.open_array(str(published / "0"), mode="r"))
-    return result, level0.reshape(SIZE, SIZE)
+    return result, level0.reshape(level0.shape[-2:])
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ SCRIPT = textwrap.dedent("""
                                  max_area_fraction=0.3)
     expected = segment_image_once(sam, rgb, InferenceSettings(**{**settings.__dict__, "points_per_batch": 32}))
 
+    huge = np.zeros((6000, 6000, 3), np.uint8)  # allocated before the limit: only its copies must fail
+
     def vm_bytes():
         for line in open("/proc/self/status"):
             if line.startswith("VmSize:"):
@@ -45,8 +47,7 @@ SCRIPT = textwrap.dedent("""
     report = InferenceReport()
     labels = segment_image(sam, rgb, settings, report=report)
     try:
-        tiny = segment_image(sam, np.zeros((4000, 4000, 3), np.uint8), InferenceSettings(image_size=256,
-                             points_per_batch=2, crop_n_layers=0))
+        tiny = segment_image(sam, huge, InferenceSettings(image_size=256, points_per_batch=2, crop_n_layers=0))
         tiny_error = None
     except OutOfMemory as exc:
         tiny_error = str(exc)
@@ -76,6 +77,6 @@ def test_out_of_memory_retries_with_smaller_batches() -> None:
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["retries"] >= 2, result
     assert result["same"] and result["objects"] > 0, result
-    # a 4000 x 4000 image does not even fit its first copy: a clear error, not a crash
+    # a 6000 x 6000 image whose working copies do not fit: a clear error, not a crash
     assert result["hopeless"] and "sam.tile" in result["hopeless"], result
     assert "retrying with" in out.stderr

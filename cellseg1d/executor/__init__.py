@@ -20,11 +20,19 @@ from typing import Any, Protocol
 import pluggy
 
 from cellseg1d.config import Config
-from cellseg1d.executor.tasks import ExecutorError, ExecutorUnavailable, Region, SegmentTask, TaskError, TaskResult
+from cellseg1d.executor.tasks import (
+    ExecutorError,
+    ExecutorUnavailable,
+    Region,
+    SegmentTask,
+    TaskError,
+    TaskFailed,
+    TaskResult,
+)
 
 __all__ = [
-    "Executor", "ExecutorError", "ExecutorUnavailable", "Region", "SegmentTask", "TaskError", "TaskResult",
-    "block_starts", "make_executor", "plane_regions",
+    "Executor", "ExecutorError", "ExecutorUnavailable", "Region", "SegmentTask", "TaskError", "TaskFailed",
+    "TaskResult", "block_starts", "make_executor", "plane_regions",
 ]
 
 
@@ -47,7 +55,8 @@ class Executor(Protocol):
 
     def map(self, tasks: Sequence[SegmentTask], image: Any,
             should_abort: Callable[[], bool] = ...) -> Iterator[TaskResult]:
-        """Run the tasks; yield their results in task order (raises the task's error)."""
+        """Run the tasks; yield their results in task order. Raises the task's own error (ImageError,
+        PluginError, TaskFailed: an attempt of the job) or an ExecutorError (the cluster's: not counted)."""
 
     def close(self) -> None:
         """Release connections."""

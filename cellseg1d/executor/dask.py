@@ -8,21 +8,42 @@ holds its lease, whichever workers segmented it.
 
 Faults:
 
-* a worker dies mid-task: the scheduler reruns the task on another worker
-  (Dask's own recovery); a task whose workers died ``distributed.scheduler.
-  allowed-failures`` + 1 times comes back as ``KilledWorker``: a transient
-  job error, retried with the job backoff (an image that kills every worker
-  ends quarantined after ``jobs.max_attempts``);
-* the scheduler goes away: the job in progress fails with a transient error,
+* a worker dies mid-task (with or without its nanny): the scheduler reruns
+  the task on another worker (Dask's own recovery); a result that lived on a
+  worker that died is computed again. A task whose workers died
+  ``distributed.scheduler.allowed-failures`` + 1 times comes back as
+  ``KilledWorker``: a failed attempt of the job (:class:`TaskFailed`), so an
+  image that kills every worker ends quarantined after ``jobs.max_attempts``;
+* the scheduler goes away: the job in progress fails with an
+  :class:`ExecutorUnavailable` (retried, its attempt not counted),
   :meth:`DaskExecutor.available` turns False and the daemon's workers wait
   (claiming nothing) while it reconnects every few seconds; once back, the
   worker plugin is registered again and work resumes;
+* anything else the cluster raises around a task (a result that never
+  arrived, a task that cannot be unpickled on a worker) is an
+  :class:`ExecutorError`: retried, its attempt not counted;
 * the scheduler is down at start: :meth:`DaskExecutor.start` raises a
   :class:`~cellseg1d.errors.ConfigError` naming the setting.
+
+Fetching results: a job thread never waits on ``Future.result(timeout=...)``.
+Such a timeout cancels the client's gather of that result on its event loop,
+and ``distributed.Client`` shares one in-flight gather between concurrent
+callers (``Client._gather_future``): a timed-out poll in one job thread then
+cancels another thread's fetch, whose ``result()`` fails with
+``UnboundLocalError: cannot access local variable 'result'`` (from
+``distributed.utils.sync``, which catches ``Exception`` but not the
+``asyncio.CancelledError`` it gets); and a gather cancelled before it started
+stays the shared one for good, so every later ``result()`` of that client
+fails the same way (every job quarantined until the daemon restarts). Here
+each result is fetched by ``Client.gather(..., asynchronous=True)`` run on the
+client's loop (:meth:`DaskExecutor._fetch`); the job thread waits on it with
+a timeout that cancels nothing, so it can still notice a stop between polls.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -30,13 +51,11 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import CancelledError
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
 from cellseg1d.config import Config, ExecutorSettings
 from cellseg1d.errors import ConfigError, JobAborted
-from cellseg1d.executor.tasks import ExecutorError, ExecutorUnavailable, SegmentTask, TaskResult
+from cellseg1d.executor.tasks import ExecutorError, ExecutorUnavailable, SegmentTask, TaskFailed, TaskResult
 
 log = logging.getLogger("cellseg1d.executor")
 #: Seconds between reconnection attempts while the scheduler is unreachable.
@@ -205,40 +224,90 @@ class DaskExecutor:
                     try:
                         future = client.submit(segment_on_worker, task, key=f"cellseg1d-{batch}-{index}", pure=False)
                     except Exception as err:
-                        raise self._lost(err, task) from None
+                        raise self._lost(client, err, task) from None
                     in_flight.append((task, future))
                 task, future = in_flight[0]
-                result = self._wait(task, future, should_abort)
+                result = self._wait(client, task, future, should_abort)
                 in_flight.popleft()
                 if result.error is not None:
                     raise result.error.exception()
                 yield result
         finally:
             for _, future in in_flight:
-                future.cancel()
+                try:
+                    future.cancel()
+                except Exception as err:  # the client is gone already: nothing left to cancel
+                    log.debug("cancelling %s: %s", future.key, err)
 
-    def _wait(self, task: SegmentTask, future: Any, should_abort: Callable[[], bool]) -> TaskResult:
+    def _fetch(self, client: Any, future: Any) -> concurrent.futures.Future:
+        """Fetch ``future``'s result on the client's event loop; the returned future is never cancelled.
+
+        ``Client.gather(..., asynchronous=True)`` is the client's own coroutine (it waits for the task, then
+        gathers its result, and computes it again when the worker holding it died). It runs on the
+        client's loop until it ends; the job thread only waits on it (see the module's docstring).
+        """
+        coro = client.gather(future, asynchronous=True)
+        try:
+            return asyncio.run_coroutine_threadsafe(coro, client.loop.asyncio_loop)
+        except RuntimeError:  # the client's loop is closed: the client went away
+            coro.close()
+            raise
+
+    def _wait(self, client: Any, task: SegmentTask, future: Any, should_abort: Callable[[], bool]) -> TaskResult:
         from distributed import KilledWorker
 
+        try:
+            fetch = self._fetch(client, future)
+        except Exception as err:
+            raise self._lost(client, err, task) from None
         while True:
             if should_abort():
+                # (the fetch is left to end on its own: map cancels the task, which ends it)
                 raise JobAborted(f"stopped while {task.describe()} was on the cluster")
-            try:
-                return future.result(timeout=POLL_SECONDS)
-            except FutureTimeout:
-                continue
-            except KilledWorker as err:
-                raise ExecutorError(
-                    f"the Dask workers running {task.describe()} died while segmenting it ({err}); check the "
-                    "workers' logs (out of memory?); the job is retried") from None
-            except Exception as err:
-                raise self._lost(err, task) from None
+            if concurrent.futures.wait([fetch], timeout=POLL_SECONDS).done:  # (this wait cancels nothing)
+                break
+            if client.status in ("closing", "closed"):  # (closed under us: its loop may never end the fetch)
+                raise self._lost(client, ConnectionError("the Dask client was closed"), task)
+        try:
+            return fetch.result()
+        except KilledWorker as err:
+            raise TaskFailed(
+                f"the Dask workers running {task.describe()} died while segmenting it ({err}): the task "
+                "takes down every worker that runs it (a poison image?); check the workers' logs (out of "
+                "memory?); the job is retried") from None
+        except (Exception, asyncio.CancelledError) as err:  # (asyncio's CancelledError is no Exception)
+            raise self._lost(client, err, task) from None
 
-    def _lost(self, err: Exception, task: SegmentTask) -> ExecutorError:
-        """The error for a task the cluster did not answer."""
-        if isinstance(err, (CancelledError, OSError)):
+    def _lost(self, client: Any, err: BaseException, task: SegmentTask) -> ExecutorError:
+        """The executor error for a task the cluster did not answer (the attempt is not counted)."""
+        from distributed.client import FutureCancelledError
+
+        what = f"{type(err).__name__}: {err}"
+        if (isinstance(err, OSError) or client.status != "running"
+                or getattr(err, "reason", None) == "scheduler-connection-lost"):
             return ExecutorUnavailable(
-                f"lost the Dask scheduler {self.address} while {task.describe()} was on the cluster "
-                f"({type(err).__name__}: {err}); the job is retried when it is back")
-        return ExecutorError(f"the cluster failed to run {task.describe()}: {type(err).__name__}: {err} "
-                             "(is the same cellseg1d version installed on the workers?)")
+                f"the cluster lost the Dask scheduler {self.address} while {task.describe()} was on it ({what})")
+        if isinstance(err, FutureCancelledError):  # the scheduler dropped the task (e.g. it was restarted)
+            return ExecutorError(f"the cluster cancelled {task.describe()} ({what})")
+        if isinstance(err, (concurrent.futures.CancelledError, asyncio.CancelledError)):
+            # The client's fetch of the result was cancelled under it: never by this executor, so its
+            # state is suspect. A fresh client is cheap; the other jobs on this one are retried too.
+            self._retire(client)
+            return ExecutorError(f"the cluster lost the result of {task.describe()} before it reached the "
+                                 f"daemon ({what}); reconnecting to {self.address}")
+        return ExecutorError(f"the cluster failed to run {task.describe()} ({what}; is the same cellseg1d "
+                             "version installed on the workers?)")
+
+    def _retire(self, client: Any) -> None:
+        """Stop using ``client``: the next :meth:`available` connects a new one."""
+        with self._lock:
+            if self._client is not client:
+                return
+            self._client = None
+            self._next_attempt = 0.0
+        log.warning("executor: a result fetch was cancelled under the Dask client; connecting a new one to %s",
+                    self.address)
+        try:
+            client.close(timeout=2)
+        except Exception as err:
+            log.debug("closing the Dask client: %s", err)

@@ -11,6 +11,20 @@ the ``segment`` hook, check the answer. On a Dask worker it is called with
 ``capture=True``: an error becomes a :class:`TaskError` in the result (plain
 data that always travels back), which the daemon raises again as the
 exception the local executor would have raised.
+
+Errors fall in two classes, and the daemon counts only the first as an
+attempt of the image's job:
+
+* the task's own code path raised (reading the block, the ``segment`` hook,
+  checking its answer): :class:`~cellseg1d.errors.ImageError`,
+  :class:`~cellseg1d.errors.PluginError` or :class:`TaskFailed`, exactly as
+  with the local executor; so is Dask's ``KilledWorker`` (the task took down
+  every worker that ran it: a poison image);
+* the cluster failed around the task (the scheduler went away, a worker died
+  while its result was being fetched, the result never reached the daemon,
+  the task could not be unpickled or run on a worker, a worker cannot see the
+  image or could not configure cellseg1d): :class:`ExecutorError`. The job
+  waits and is retried, and the attempt is not counted.
 """
 
 from __future__ import annotations
@@ -23,22 +37,32 @@ from typing import Any, Literal
 import numpy as np
 import pluggy
 
-from cellseg1d.errors import CellsegError, ImageError, JobAborted, PluginError
+from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
 from cellseg1d.plugins import call_hook
-from cellseg1d.types import AdapterRef, Segmentation, SegmentRequest
+from cellseg1d.ngff.stats import plane_stats
+from cellseg1d.types import AdapterRef, PlaneStats, Segmentation, SegmentRequest
 
 #: (y0, x0, y1, x1) of a block in plane pixels, exclusive ends.
 Region = tuple[int, int, int, int]
 
 
 class ExecutorError(CellsegError):
-    """The executor could not run a task (a worker died, the scheduler went away); worth a retry."""
+    """The cluster failed around a task, not the task's own code (the scheduler went away, a result never
+    arrived, a worker cannot see the image): the job waits and is retried; the attempt is not counted."""
 
     transient = True
 
 
 class ExecutorUnavailable(ExecutorError):
     """The Dask scheduler cannot be reached; jobs wait until it is back."""
+
+
+class TaskFailed(CellsegError):
+    """The task's own code raised on a worker (a storage error reading the block, an unexpected error), or
+    Dask gave up on a task that killed its workers: a failed attempt of the job, retried with backoff and
+    counted, as the same error is with the local executor."""
+
+    transient = True
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,9 @@ class SegmentTask:
     pixel_size: tuple[float, float] | None
     #: The daemon's :class:`cellseg1d.config.Config` (with paths as the worker sees them).
     config: Any
+    #: Statistics of the whole plane, computed once by the daemon for a plane split into blocks;
+    #: None for a plane segmented whole (the worker computes them from the plane it reads).
+    stats: PlaneStats | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -85,7 +112,9 @@ class SegmentTask:
 class TaskError:
     """An error raised while running a task on a worker, as plain data."""
 
-    kind: Literal["image", "plugin", "storage", "aborted", "other"]
+    #: ``cluster``: the worker itself is not fit to run the task (it cannot see the image or sees another
+    #: one, cellseg1d could not be configured there): an executor error. Every other kind is the task's own.
+    kind: Literal["image", "plugin", "storage", "aborted", "cluster", "other"]
     message: str
     plugin: str | None = None
     hook: str | None = None
@@ -102,8 +131,8 @@ class TaskError:
             return cls("aborted", str(err))
         if isinstance(err, OSError):
             return cls("storage", f"on worker {where}: {type(err).__name__}: {err}", transient=True)
-        if isinstance(err, ExecutorError):
-            return cls("other", str(err), transient=True)
+        if isinstance(err, (ExecutorError, ConfigError)):
+            return cls("cluster", str(err), transient=True)
         return cls("other", f"on worker {where}: {type(err).__name__}: {err}", transient=True)
 
     def exception(self) -> Exception:
@@ -117,8 +146,10 @@ class TaskError:
         if self.kind == "aborted":
             return JobAborted(self.message)
         if self.kind == "storage":
-            return ExecutorError(f"storage error {self.message}")
-        return ExecutorError(self.message)
+            return TaskFailed(f"storage error {self.message}")
+        if self.kind == "cluster":
+            return ExecutorError(self.message)
+        return TaskFailed(self.message)
 
 
 @dataclass
@@ -166,10 +197,11 @@ def run_task(task: SegmentTask, pm: pluggy.PluginManager, image: Any, worker: st
     plane = image.read_plane(task.t, task.z, task.channels, task.region if task.is_block else None)
     read = time.perf_counter() - started
     started = time.perf_counter()
+    stats = task.stats if task.stats is not None else plane_stats(plane)
     request = SegmentRequest(
         image_path=task.image_path, experiment=task.experiment, t=task.t, z=task.z,
         channels=task.channel_names, pixel_size=task.pixel_size, config=task.config,
-        adapter=task.adapter, fallback=task.fallback,
+        adapter=task.adapter, fallback=task.fallback, stats=stats,
     )
     seg = call_hook(pm, "segment", plane=plane, request=request)
     if seg is None:

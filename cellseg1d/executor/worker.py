@@ -33,7 +33,7 @@ from typing import Any
 import pluggy
 from distributed import WorkerPlugin, get_worker
 
-from cellseg1d.errors import ConfigError
+from cellseg1d.errors import ConfigError, PluginError
 from cellseg1d.executor.tasks import ExecutorError, SegmentTask, TaskError, TaskResult, compact, run_task
 
 log = logging.getLogger("cellseg1d.worker")
@@ -119,18 +119,35 @@ class CellsegWorkerPlugin(WorkerPlugin):
         return image
 
     def run(self, task: SegmentTask) -> TaskResult:
-        """Read and segment one task; every error is returned in the result, never raised."""
+        """Read and segment one task; every error is returned in the result, never raised.
+
+        A worker that cannot run the task at all (it does not see the image, or cellseg1d cannot be
+        configured there) answers a ``cluster`` error: the job is retried without counting the attempt.
+        What the task's own code raises is the image's or the plugin's, as with the local executor.
+        """
         try:
             pm = self.manager(task.config)
             result = run_task(task, pm, self.image(task), self.address)
             result.labels = compact(result.labels)
-        except ConfigError as err:
-            return TaskResult(None, worker=self.address, error=TaskError("other", str(err), transient=True))
+            _check_sendable(result)
         except Exception as err:
             return TaskResult(None, worker=self.address, error=TaskError.of(err, self.address))
         with self._lock:
             self.tasks += 1
         return result
+
+
+def _check_sendable(result: TaskResult) -> None:
+    """Fail the task here, as the segmenter's error, when its ``details`` cannot travel to the daemon:
+    otherwise Dask could not send the result, and the job would fail outside the task's code."""
+    from distributed.protocol.pickle import dumps
+
+    try:
+        dumps(result.details)
+    except Exception as err:
+        raise PluginError(result.segmenter or "unknown", "segment",
+                          f"returned details that cannot be sent to the daemon ({type(err).__name__}: {err}); "
+                          "details must be plain data") from None
 
 
 def _version() -> str:

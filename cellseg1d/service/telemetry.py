@@ -266,6 +266,9 @@ class Telemetry:
         self.adapter_switches = Counter(
             "cellseg1d_adapter_switches", "Times this process's segmenter switched LoRA adapter",
             registry=self.registry)
+        self.executor_errors = Counter(
+            "cellseg1d_executor_errors", "Job attempts of this process that the cluster failed (executor errors: "
+            "retried with backoff, not counted as the image's attempts)", registry=self.registry)
         Info("cellseg1d_build", "Versions of this cellseg1d process", registry=self.registry).info({
             "version": __version__, "pipeline_version": PIPELINE_VERSION,
             "python": platform.python_version(), "torch": _package_version("torch"),
@@ -286,6 +289,10 @@ class Telemetry:
                             outcome, ", ".join(OUTCOMES))
             return
         self.job_duration.labels(outcome).observe(max(0.0, float(seconds)))
+
+    def executor_error(self) -> None:
+        """Count one job attempt the cluster failed (an executor error, not the image's)."""
+        self.executor_errors.inc()
 
     def adapter_switched(self, count: int = 1) -> None:
         """Count ``count`` switches of the LoRA adapter in this process's segmenter."""
