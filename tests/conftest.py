@@ -94,3 +94,17 @@ def pg_server() -> Iterator[PgServer]:
 def pg_url(pg_server: PgServer) -> str:
     """URL of a new, empty database on the session's PostgreSQL server (user postgres, no password)."""
     return pg_server.create_database()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A random tiny SAM saved at input size 1024, like the official checkpoints: (path, state dict)."""
+    import torch
+
+    from cellseg1d.model.sam import build_sam
+
+    torch.manual_seed(0)
+    state = build_sam("tiny", 1024).state_dict()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save(state, path)
+    return path, state

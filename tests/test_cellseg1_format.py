@@ -52,13 +52,9 @@ def _is_head(key: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+def base(tiny_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> tuple[Path, dict[str, torch.Tensor]]:
     """A random tiny SAM checkpoint at input 1024 (like the official files) and its state dict."""
-    torch.manual_seed(0)
-    state = build_sam("tiny", 1024).state_dict()
-    path = tmp_path_factory.mktemp("base") / "tiny_base.pth"
-    torch.save(state, path)
-    return path, state
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -87,16 +87,6 @@ def test_resize_state_dict_same_size_is_identity() -> None:
 # --- load_sam -------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
-    """A tiny SAM saved at input size 1024, like the official checkpoints."""
-    torch.manual_seed(0)
-    state = build_sam("tiny", 1024).state_dict()
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    torch.save(state, path)
-    return path, state
-
-
 def test_load_custom_tiny_checkpoint(tiny_checkpoint: tuple[Path, dict[str, torch.Tensor]]) -> None:
     path, state = tiny_checkpoint
     sam, info = load_sam(path, "tiny", 512, allow_custom=True)
