@@ -23,13 +23,11 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,35 +41,14 @@ from cellseg1d.ngff import open_image  # noqa: E402
 from cellseg1d.segmenters.classical import ClassicalParams, segment_classical  # noqa: E402
 from cellseg1d.synthetic import make_czyx, write_ome_zarr  # noqa: E402
 
+from benchkit import catalog_rows, utc_ts  # noqa: E402
+
 CHANNELS = ["nuclei", "membrane"]
 
 
 # --------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------
-
-
-def catalog_rows(state: Path, sql: str, params: tuple = ()) -> list[tuple]:
-    db = state / "catalog.sqlite"
-    if not db.exists():
-        return []
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        return conn.execute(sql, params).fetchall()
-    except sqlite3.Error:
-        return []
-    finally:
-        conn.close()
-
-
-def utc_ts(value: Any) -> float | None:
-    """POSIX time of a catalog datetime (SQLite stores UTC as naive text)."""
-    if value is None:
-        return None
-    stamp = datetime.fromisoformat(str(value))
-    if stamp.tzinfo is None:
-        stamp = stamp.replace(tzinfo=UTC)
-    return stamp.timestamp()
 
 
 JOBS_SQL = """

@@ -39,7 +39,7 @@ def _config_for(args: argparse.Namespace, need_state: bool = False) -> Config:
     if getattr(args, "catalog_url", None):
         overrides["catalog.url"] = args.catalog_url
     for opt, key in (("watch", None), ("settle_seconds", "readiness.settle_seconds"),
-                     ("polling", "watch.polling"), ("log_level", "log_level"),
+                     ("polling", "watch.polling"), ("watch_backend", "watch.backend"), ("log_level", "log_level"),
                      ("channel", "segmentation.channels"), ("workers", "jobs.workers"),
                      ("metrics", "metrics.address"), ("log_format", "log_format")):
         value = getattr(args, opt, None)
@@ -215,7 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--watch", type=Path, action="append", default=[], metavar="DIR",
                      help="acquisition folder to watch (repeatable; replaces the config's roots)")
     run.add_argument("--settle-seconds", type=float, help="quiet time before an image counts as written")
-    run.add_argument("--polling", action="store_true", help="poll instead of inotify (network shares)")
+    run.add_argument("--polling", action="store_true", help="poll instead of file events (network shares)")
+    run.add_argument("--watch-backend", choices=["auto", "inotify", "watchdog"],
+                     help="source of file events (watch.backend; auto: inotify on Linux, watchdog elsewhere)")
     run.add_argument("--channel", action="append", help="channel name to segment (repeatable)")
     run.add_argument("--workers", type=int, help="parallel worker threads")
     run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

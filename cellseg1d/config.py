@@ -116,8 +116,10 @@ class WatchRoot(_Section):
 
 class WatchSettings(_Section):
     roots: list[WatchRoot] = Field(default_factory=list)
-    #: Use stat polling instead of inotify (network shares: SMB/NFS send no events).
+    #: Use stat polling instead of file events (network shares: SMB/NFS send no events).
     polling: bool = False
+    #: Source of file events: "auto" (inotify on Linux, watchdog elsewhere), "inotify" or "watchdog".
+    backend: Literal["auto", "inotify", "watchdog"] = "auto"
     poll_interval_seconds: float = Field(5.0, gt=0)
     #: Full rescan of every root: catches images that arrived while the daemon was
     #: down and anything the event stream missed.

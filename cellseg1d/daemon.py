@@ -31,10 +31,18 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from cellseg1d import __version__
-from cellseg1d.catalog import Adapter, JobState
+from cellseg1d.catalog import Adapter, Job, JobState
+from cellseg1d.catalog.containers import (
+    ContainerRecord,
+    forget_containers,
+    record_containers,
+    recorded_among,
+    recorded_page,
+)
 from cellseg1d.catalog.db import open_catalog, redact
 from cellseg1d.config import Config, WatchRoot
 from cellseg1d.errors import CellsegError, ConfigError, ImageError, JobAborted, PluginError
@@ -47,10 +55,9 @@ from cellseg1d.ngff.reader import open_image
 from cellseg1d.pipeline import Pipeline
 from cellseg1d.plugins import build_plugin_manager, configure_plugins, plugin_at_fault, plugin_names
 from cellseg1d.registry import adapter_ref, ensure_experiment, route_for
-from cellseg1d.report import catalog_counts
 from cellseg1d.service.sdnotify import Notifier
 from cellseg1d.types import AdapterRef, ReadinessQuery
-from cellseg1d.watch import Candidate, ImageTracker, Watcher
+from cellseg1d.watch import Candidate, ImageTracker, Watcher, container_signature, retire_seconds_for
 
 log = logging.getLogger("cellseg1d.daemon")
 TICK_SECONDS = 0.2
@@ -189,22 +196,29 @@ class Daemon:
         self.roots = config.watch.roots
         #: Roots removed by a reload: their queued and running jobs still finish.
         self._retired_roots: list[WatchRoot] = []
-        #: Executor errors in a row (per job: its retry delay; for the daemon: logged once per streak).
-        self._executor_streaks = ExecutorStreaks()
+        #: Wakes the background sweep (new and changed containers): at start, reload, lost events.
+        self._sweep_wake = threading.Event()
+        self._sweeper: threading.Thread | None = None
         self.tracker = self._new_tracker(config)
         self.watcher: Watcher | None = None
         self._waiting_logged: set[Path] = set()
         #: Jobs this process's workers hold (their leases may lapse during a catalog outage).
         self._active: set[int] = set()
+        #: Executor errors in a row (per job: its retry delay; for the daemon: logged once per streak).
+        self._executor_streaks = ExecutorStreaks()
         self.telemetry: Any = None  # cellseg1d.service.telemetry.Telemetry with [metrics] address
         self.metrics_server: Any = None
         self._adapter_changes_seen = 0
 
     def _new_tracker(self, config: Config) -> ImageTracker:
-        return ImageTracker(
+        tracker = ImageTracker(
             [r.path.resolve() for r in config.watch.roots], config.watch.container_suffixes,
             config.readiness.settle_seconds, limiter=self.limiter,
+            retire_seconds=retire_seconds_for(config.readiness.settle_seconds),
         )
+        tracker.skip = self._recorded_containers  # finished ones: checked by their signature (_sweep)
+        tracker.rescan_wanted = self._sweep_wake
+        return tracker
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -229,16 +243,17 @@ class Daemon:
         signal.signal(signal.SIGHUP, reload)
 
     def _start_watcher(self, polling: bool) -> None:
-        self.watcher = Watcher(self.tracker, polling, self.config.watch.poll_interval_seconds)
+        watch = self.config.watch
         try:
+            self.watcher = Watcher(self.tracker, polling, watch.poll_interval_seconds, watch.backend)
             self.watcher.start()
         except OSError as err:
             if polling:
                 raise
-            log.error("cannot watch with inotify (%s); falling back to polling every %.0f s. "
-                      "Raise fs.inotify.max_user_watches or set watch.polling = true.",
-                      err, self.config.watch.poll_interval_seconds)
-            self.watcher = Watcher(self.tracker, True, self.config.watch.poll_interval_seconds)
+            log.error("cannot watch with file events (%s); falling back to polling every %.0f s. "
+                      "Raise fs.inotify.max_user_watches / max_user_instances or set watch.polling = true.",
+                      err, watch.poll_interval_seconds)
+            self.watcher = Watcher(self.tracker, True, watch.poll_interval_seconds)
             self.watcher.start()
 
     def _start_metrics(self) -> None:
@@ -269,15 +284,15 @@ class Daemon:
         self.queue.reclaim_expired()
         from cellseg1d.reconcile import reconcile_daemon
 
-        reconcile_daemon(self)  # leftovers of crashed attempts, lost or unrecorded label images
+        reconcile_daemon(self)  # unfinished jobs: leftovers of crashed attempts, unrecorded label images
         self._reroute_held()
         workers: list[threading.Thread] = []
         try:
             self._start_metrics()
             self._start_watcher(cfg.watch.polling)
-            found = self.tracker.rescan()
-            log.info("watching %d folder(s) (%s); %d container(s) already there; settle time %.1f s",
-                     len(self.roots), "polling" if cfg.watch.polling else "events", found,
+            log.info("watching %d folder(s) (%s); settle time %.1f s; looking for new and changed containers "
+                     "in the background", len(self.roots),
+                     "polling" if self.watcher.polling else f"{self.watcher.backend} events",
                      cfg.readiness.settle_seconds)
             workers = [
                 threading.Thread(target=self._worker_loop, name=f"worker-{i}", daemon=True)
@@ -286,6 +301,8 @@ class Daemon:
             for w in workers:
                 w.start()
             self.notifier.ready(self._status_line())
+            self._sweeper = threading.Thread(target=self._sweep_loop, name="sweep", daemon=True)
+            self._sweeper.start()
             self._loop()
         finally:
             self._shutdown(workers)
@@ -302,8 +319,7 @@ class Daemon:
                 self.reload()
             self._schedule_once()
             now = time.monotonic()
-            if now >= next_rescan:
-                self.tracker.rescan()
+            if now >= next_rescan:  # (the rescan itself runs in the background: _sweep_loop)
                 self._reclaim_expired()
                 self._reroute_held()
                 next_rescan = time.monotonic() + self.config.watch.rescan_seconds
@@ -318,6 +334,7 @@ class Daemon:
         """Stop watching, let the workers finish until the shutdown deadline, then abort what is left."""
         log.info("stopping: no new work is claimed")
         self.notifier.stopping(f"stopping: finishing {len(self._active)} image(s)")
+        self._sweep_wake.set()
         if self.watcher is not None:
             self.watcher.stop()
         self.work_event.set()
@@ -332,6 +349,13 @@ class Daemon:
                     self.abort_event.set()
                 self._tick()  # still alive while draining (systemd's stop timeout bounds it)
                 w.join(timeout=0.5)
+        if self._sweeper is not None:
+            self._sweeper.join(timeout=10)
+        try:  # containers finished with are recorded now: the next start skips them
+            self.tracker.retire_finished()
+            self._record_retired()
+        except Exception:  # noqa: BLE001 - looked at again at the next start
+            log.debug("cannot record the finished containers at shutdown", exc_info=True)
         if self.metrics_server is not None:
             self.metrics_server.stop()
         self.executor.close()
@@ -355,12 +379,17 @@ class Daemon:
         """``watching 2 roots, 3 queued, 1 running`` (for systemctl status)."""
         line = f"watching {len(self.roots)} root{'' if len(self.roots) == 1 else 's'}, "
         try:
-            line += f"{catalog_counts(self.catalog)['jobs'][JobState.QUEUED]} queued, "
+            line += f"{self._queued()} queued, "
         except Exception as err:  # noqa: BLE001 - a status line never stops the scheduler
             if not self.catalog.is_transient(err):
                 self.limiter.log(logging.WARNING, ("status", type(err)), "cannot count queued jobs: %s", err)
             line += "catalog unreachable, "
         return line + f"{len(self._active)} running"
+
+    def _queued(self) -> int:
+        """Jobs in state queued (through the state index: the cost follows the queue, not the catalog)."""
+        with self.catalog.session() as s:
+            return int(s.scalar(select(func.count()).select_from(Job).where(Job.state == JobState.QUEUED)) or 0)
 
     def health(self) -> tuple[bool, dict[str, Any]]:
         """For ``/healthz``: the scheduler ticked recently and the catalog answers."""
@@ -454,7 +483,7 @@ class Daemon:
         self._retired_roots = [r for r in self._retired_roots + [r for r in old.watch.roots if r.path in removed]
                                if r.path not in new_paths]
         rewatch = old_paths != new_paths or old.watch.container_suffixes != new.watch.container_suffixes \
-            or old.watch.polling != new.watch.polling \
+            or old.watch.polling != new.watch.polling or old.watch.backend != new.watch.backend \
             or old.watch.poll_interval_seconds != new.watch.poll_interval_seconds
         self.roots = new.watch.roots
         if not rewatch:
@@ -463,10 +492,10 @@ class Daemon:
         if self.watcher is not None:
             self.watcher.stop()
         # A fresh tracker: images already queued are recognised by their catalog rows, bad ones by
-        # their recorded error, so nothing is queued or reported twice.
+        # their recorded error, so nothing is queued or reported twice; the sweep finds the containers.
         self.tracker = self._new_tracker(new)
         self._start_watcher(new.watch.polling)
-        self.tracker.rescan()
+        self._sweep_wake.set()
         return added, removed
 
     def _count_adapter_switches(self) -> None:
@@ -497,7 +526,7 @@ class Daemon:
                 log.error("cannot requeue expired jobs: %s", err)
 
     def _check_watcher(self) -> None:
-        if self.watcher is not None and not self.watcher.observer.is_alive() and not self.stop_event.is_set():
+        if self.watcher is not None and not self.watcher.alive() and not self.stop_event.is_set():
             log.error("the file watcher stopped unexpectedly (inotify limit?); switching to polling")
             self._start_watcher(True)
 
@@ -516,7 +545,87 @@ class Daemon:
                            problem.error, None)
         for cand in ready:
             if self._isolated(cand.image, self._consider_isolated, cand) is False:
-                self.tracker.settled(cand)  # not even recorded: look again when it changes (or at restart)
+                # not even recorded: look again when it changes (or at restart: its container is not recorded)
+                self.tracker.settled(cand, recorded=False)
+            if cand.next_check == float("inf"):
+                self._waiting_logged.discard(cand.image)
+        self._record_retired()
+
+    # -- finished containers: recorded, skipped while unchanged (the background sweep) -------------------
+
+    def _record_retired(self) -> None:
+        """Record the containers the tracker finished with, so that a restart skips them while unchanged."""
+        retired = self.tracker.take_retired()
+        if not retired:
+            return
+        roots = self.tracker.roots
+        records = [ContainerRecord(str(r.container), str(roots[r.root_index]), r.signature, r.images)
+                   for r in retired]
+        try:
+            self.catalog.retry(record_containers, self.catalog, records, until=self.stop_event, on_wait=self._tick)
+        except Exception as err:  # looked at again at the next start: slower, never wrong
+            if not self.catalog.is_transient(err):
+                self.limiter.log(logging.WARNING, ("record containers", type(err)), "cannot record %d finished "
+                                 "container(s): %s; they are looked at again at the next start", len(records), err)
+
+    def _recorded_containers(self, containers: list[Path]) -> set[Path]:
+        """Those of ``containers`` recorded as finished (for the tracker's rescan: left to :meth:`_sweep`)."""
+        recorded = self.catalog.retry(recorded_among, self.catalog, [str(c) for c in containers],
+                                      until=self.stop_event)
+        return {c for c in containers if str(c) in recorded}
+
+    def _sweep_loop(self) -> None:
+        """Background: new and changed containers at start, after a reload and every ``rescan_seconds``;
+        after the first sweep, the start-up reconciliation of finished images."""
+        from cellseg1d.reconcile import reconcile_finished_daemon
+
+        first = True
+        while not self.stop_event.is_set():
+            try:
+                self._sweep(first)
+            except Exception as err:  # noqa: BLE001 - tried again at the next rescan
+                if not self.catalog.is_transient(err):
+                    self.limiter.log(logging.ERROR, ("sweep", type(err)), "cannot look for new and changed "
+                                     "containers: %s: %s; trying again at the next rescan", type(err).__name__, err)
+            if first and not self.stop_event.is_set():
+                reconcile_finished_daemon(self, self.stop_event)
+            first = False
+            self._sweep_wake.wait(self.config.watch.rescan_seconds)
+            self._sweep_wake.clear()
+
+    def _sweep(self, first: bool) -> None:
+        """One pass: containers unknown to the catalog first (handed to the tracker as they are listed),
+        then every recorded finished container, by its stat-level signature (a few stats each, no open)."""
+        started = time.monotonic()
+        tracker = self.tracker
+        found = tracker.rescan()
+        listed = time.monotonic() - started
+        roots = {str(r): i for i, r in enumerate(tracker.roots) if r.is_dir()}
+        unchanged = changed = gone = 0
+        after = 0
+        while roots and not self.stop_event.is_set() and tracker is self.tracker:
+            page = self.catalog.retry(recorded_page, self.catalog, list(roots), after, until=self.stop_event)
+            if not page:
+                break
+            after = page[-1].id
+            missing = []
+            for rec in page:
+                container = Path(rec.path)
+                if tracker.known(container):
+                    continue
+                if not os.path.lexists(container):
+                    missing.append(rec.path)
+                elif container_signature(container, rec.images) == rec.signature:
+                    unchanged += 1
+                elif tracker.add_container(container, roots[rec.root]):
+                    changed += 1
+            if missing:
+                gone += len(missing)
+                self.catalog.retry(forget_containers, self.catalog, missing, until=self.stop_event)
+        log.log(logging.INFO if first else logging.DEBUG,
+                "looked at %d container(s) in %.2f s (listed in %.2f s): %d finished and unchanged (not opened), "
+                "%d changed, %d gone; the others are new", found, time.monotonic() - started, listed, unchanged,
+                changed, gone)
 
     def _isolated(self, path: Path, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` in a catalog retry; an error about ``path`` is logged (bounded), never raised.

@@ -24,6 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from cellseg1d.ngff.discover import is_container_name
+
 OK, WARN, FAIL, SKIP = "ok", "warn", "fail", "skip"
 _RANK = {SKIP: 0, OK: 1, WARN: 2, FAIL: 3}
 
@@ -308,11 +310,14 @@ def check_filesystems(ctx: Context) -> list[Check]:
 
 
 def count_folders(roots: Sequence[Path], stop_after: int, budget_s: float = FOLDER_COUNT_BUDGET_S,
-                  clock: Callable[[], float] = time.monotonic) -> tuple[int, bool]:
+                  clock: Callable[[], float] = time.monotonic, suffixes: Sequence[str] = ()) -> tuple[int, bool]:
     """(folders under ``roots``, roots included; whether the count is complete).
 
-    Links are not followed. Counting stops at ``stop_after`` folders or when
-    ``budget_s`` seconds have passed; the count is then a lower bound.
+    Links are not followed, and folders whose name ends in one of
+    ``suffixes`` (containers) are neither counted nor entered: the watcher
+    watches a container's folders only while it is being written. Counting
+    stops at ``stop_after`` folders or when ``budget_s`` seconds have
+    passed; the count is then a lower bound.
     """
     deadline = clock() + budget_s
     count = 0
@@ -326,7 +331,7 @@ def count_folders(roots: Sequence[Path], stop_after: int, budget_s: float = FOLD
             with os.scandir(folder) as entries:
                 for entry in entries:
                     try:
-                        if entry.is_dir(follow_symlinks=False):
+                        if entry.is_dir(follow_symlinks=False) and not is_container_name(entry.name, suffixes):
                             count += 1
                             pending.append(Path(entry.path))
                     except OSError:
@@ -352,7 +357,7 @@ def inotify_check(folders: int, complete: bool, limit: int, polling: bool) -> Ch
         return Check("inotify", OK, f"{counted} under the watched folders; inotify is not used "
                      f"(watch.polling = true), {limit_text}", "", details)
     if folders > limit:
-        return Check("inotify", FAIL, f"{counted} under the watched folders need one inotify watch each, more "
+        return Check("inotify", FAIL, f"{counted} holding containers under the watched folders need one inotify watch each, more "
                      f"than {limit_text}: new images in the rest are found only by the rescan",
                      f"{raise_fix}; or set watch.polling = true", details)
     if folders >= INOTIFY_WARN_SHARE * limit:
@@ -380,7 +385,7 @@ def check_inotify(ctx: Context) -> list[Check]:
             return [Check("inotify", OK, "inotify is not used (watch.polling = true)")]
         return [Check("inotify", SKIP, f"{INOTIFY_MAX_USER_WATCHES} cannot be read (not Linux?): watch limit "
                       "not checked")]
-    folders, complete = count_folders(roots, limit + 1)
+    folders, complete = count_folders(roots, limit + 1, suffixes=config.watch.container_suffixes)
     return [inotify_check(folders, complete, limit, config.watch.polling)]
 
 

@@ -1,10 +1,24 @@
 """Start-up reconciliation of the catalog with what is on disk.
 
-Run once when the daemon starts, after it has requeued the jobs its
+Run when the daemon starts, after it has requeued the jobs its
 predecessor left running (``JobQueue.reclaim_node``/``reclaim_expired``), so
 that the only jobs still ``running`` are other daemons' jobs under a live
-lease (several daemons on one shared PostgreSQL catalog). For every image in
-the catalog under a configured watch root:
+lease (several daemons on one shared PostgreSQL catalog). It comes in two
+parts, so that a restart costs what is unfinished, not everything ever
+processed:
+
+* **before the daemon is ready** (:meth:`Reconciler.run_unfinished`): the
+  images whose latest job is not finished (queued, failed, running) or was
+  given up on after attempts (quarantined with attempts): the only ones a
+  crash can have left leftovers or uncommitted labels for;
+* **in the background** (:meth:`Reconciler.run_finished`), page by page
+  while new images are already being processed: every other image (done,
+  rejected, held). Leftovers are removed there only when older than
+  :data:`SHARED_CATALOG_GRACE_SECONDS` and with no job of the image under a
+  live lease, and a done job is queued again only while it is still its
+  image's latest job and still done.
+
+For every image in the catalog under a configured watch root:
 
 1. **Leftovers of crashed attempts** are removed: label staging folders
    (``labels/.<name>.partial-<id>``, ``labels/.<name>.replaced-<id>``) and
@@ -31,12 +45,14 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, or_, select
+from sqlalchemy.orm import aliased
 
 from cellseg1d.catalog import Adapter, Catalog, Image, Job, JobEventKind, JobState, Result, utcnow
 from cellseg1d.config import Config, WatchRoot
@@ -51,6 +67,8 @@ log = logging.getLogger(__name__)
 LEFTOVER = re.compile(r"^\..+\.(partial|replaced)-[0-9a-f]{12}$")
 #: How old a leftover must be before it is removed when other daemons may share the catalog.
 SHARED_CATALOG_GRACE_SECONDS = 120.0
+#: Images per page of the background part.
+PAGE = 200
 
 
 @dataclass
@@ -77,6 +95,7 @@ class _Row:
     shape: str | None
     job_id: int
     state: str
+    attempts: int
     adapter_id: int | None
     labels_path: str | None
 
@@ -148,20 +167,40 @@ class Reconciler:
         self.grace = grace_seconds if grace_seconds is not None else (
             0.0 if catalog.backend == "sqlite" else SHARED_CATALOG_GRACE_SECONDS)
         self.roots = {str(r.path): r for r in config.watch.roots}
+        #: Ask for live leases again right before removing a leftover (set in the background).
+        self.recheck_live = False
 
-    def _rows(self) -> list[_Row]:
+    def _query(self) -> Any:
         """Every image under a configured root with its latest job (and that job's result, if any)."""
-        latest = select(func.max(Job.id).label("job_id")).group_by(Job.image_id).subquery()
-        query = (
+        newer = aliased(Job)
+        latest = ~exists().where(newer.image_id == Job.image_id, newer.id > Job.id)
+        return (
             select(Image.id, Image.path, Image.root, Image.container, Image.fingerprint, Image.axes, Image.shape,
-                   Job.id, Job.state, Job.adapter_id, Result.labels_path)
-            .join(Job, Job.image_id == Image.id).join(latest, latest.c.job_id == Job.id)
+                   Job.id, Job.state, Job.attempts, Job.adapter_id, Result.labels_path)
+            .join(Job, Job.image_id == Image.id)
             .outerjoin(Result, Result.job_id == Job.id)
-            .where(Image.root.in_(list(self.roots)))
-            .order_by(Image.id)
+            .where(Image.root.in_(list(self.roots)), latest)
         )
+
+    def _unfinished_rows(self) -> list[_Row]:
+        """Images whose latest job is unfinished, or quarantined after attempts (found through the job states)."""
+        query = self._query().where(
+            Job.state.in_((*JobState.ACTIVE, JobState.QUARANTINED)),
+            or_(Job.state != JobState.QUARANTINED, Job.attempts > 0),
+        ).order_by(Image.id)
         with self.catalog.session() as s:
             return [_Row(*row) for row in s.execute(query).all()]
+
+    def _finished_page(self, after: int) -> list[_Row]:
+        """The next page of images (by id) after image id ``after``, whatever their latest job."""
+        # (ordered by the jobs' image_id index: a page reads its own rows, not every row after it)
+        query = self._query().where(Job.image_id > after).order_by(Job.image_id).limit(PAGE)
+        with self.catalog.session() as s:
+            return [_Row(*row) for row in s.execute(query).all()]
+
+    @staticmethod
+    def _is_unfinished(row: _Row) -> bool:
+        return row.state in JobState.ACTIVE or (row.state == JobState.QUARANTINED and row.attempts > 0)
 
     def _live_images(self) -> set[int]:
         with self.catalog.session() as s:
@@ -179,26 +218,61 @@ class Reconciler:
         return labels_name_for(self.config, adapter)
 
     def run(self) -> ReconcileReport:
-        """Reconcile every image; one image's trouble (unreadable folder) never stops the others."""
-        report = ReconcileReport()
-        live = self._live_images()
-        for row in self._rows():
-            root = self.roots[row.root]
-            image = Path(row.path)
-            if row.image_id in live:
-                report.skipped_live.append(row.path)
-                continue
-            try:
-                self._clean(row, root, image, report)
-                if not image.is_dir():
-                    continue  # deleted, moved or unmounted: nothing to redo, nothing to compare
-                if row.state == JobState.DONE and row.labels_path:
-                    self._check_done(row, report)
-                elif row.state in JobState.PENDING:
-                    self._check_not_done(row, root, image, report)
-            except OSError as err:
-                log.warning("reconciliation skipped %s: %s", image, err)
+        """Reconcile every image at once (both parts); one image's trouble never stops the others."""
+        report = self.run_unfinished()
+        self.run_finished(report)
         return report
+
+    def run_unfinished(self, report: ReconcileReport | None = None) -> ReconcileReport:
+        """The part a restart waits for: images whose latest job is unfinished (a crash's leftovers)."""
+        report = report if report is not None else ReconcileReport()
+        live = self._live_images()
+        for row in self._unfinished_rows():
+            self._reconcile(row, report, live)
+        return report
+
+    def run_finished(self, report: ReconcileReport | None = None, *, background: bool = False,
+                     stop: threading.Event | None = None, pause: float = 0.0) -> ReconcileReport:
+        """Every other image, page by page (``pause`` s between pages; returns early when ``stop`` is set).
+
+        ``background``: the daemon already processes images meanwhile, so
+        leftovers younger than :data:`SHARED_CATALOG_GRACE_SECONDS` are kept
+        and the live leases are asked again right before removing anything.
+        """
+        report = report if report is not None else ReconcileReport()
+        if background:
+            self.grace = max(self.grace, SHARED_CATALOG_GRACE_SECONDS)
+            self.recheck_live = True
+        after = 0
+        while stop is None or not stop.is_set():
+            page = self._finished_page(after)
+            if not page:
+                break
+            after = page[-1].image_id
+            live = self._live_images()
+            for row in page:
+                if not self._is_unfinished(row):
+                    self._reconcile(row, report, live)
+            if pause and stop is not None:
+                stop.wait(pause)
+        return report
+
+    def _reconcile(self, row: _Row, report: ReconcileReport, live: set[int]) -> None:
+        root = self.roots[row.root]
+        image = Path(row.path)
+        if row.image_id in live:
+            report.skipped_live.append(row.path)
+            return
+        try:
+            self._clean(row, root, image, report)
+            if not image.is_dir():
+                return  # deleted, moved or unmounted: nothing to redo, nothing to compare
+            if row.state == JobState.DONE and row.labels_path:
+                self._check_done(row, report)
+            elif row.state in JobState.PENDING:
+                self._check_not_done(row, root, image, report)
+        except OSError as err:
+            log.warning("reconciliation skipped %s: %s", image, err)
 
     def _clean(self, row: _Row, root: WatchRoot, image: Path, report: ReconcileReport) -> None:
         folders = [output_base(image, root) / "labels"]
@@ -212,8 +286,9 @@ class Reconciler:
                 report.removed.append(str(entry))
 
     def _live_images_if_shared(self) -> set[int]:
-        """On a shared catalog, ask again right before removing: a daemon may have claimed the image since."""
-        return self._live_images() if self.grace > 0 else set()
+        """On a shared catalog or in the background, ask again right before removing: a worker may have
+        claimed the image since."""
+        return self._live_images() if self.grace > 0 or self.recheck_live else set()
 
     def _check_done(self, row: _Row, report: ReconcileReport) -> None:
         assert row.labels_path is not None
@@ -224,6 +299,9 @@ class Reconciler:
         if problem is None:
             return
         with self.catalog.session() as s:
+            newer = s.scalar(select(Job.id).where(Job.image_id == row.image_id, Job.id > row.job_id).limit(1))
+            if newer is not None:
+                return  # a newer run of the image (being published now?): it is not this job's business
             if requeue_done(s, row.job_id, f"start-up check: {problem}; queued again", self.actor):
                 report.redone.append(row.job_id)
                 log.warning("job %d (%s) was done but %s: queued again", row.job_id, row.path, problem)
@@ -246,20 +324,44 @@ class Reconciler:
                     "it runs again and replaces it", row.job_id, row.path, row.state, final)
 
 
+def _summary(report: ReconcileReport, what: str) -> None:
+    if report.removed or report.redone or report.labels_without_done:
+        log.info("%s: removed %d leftover(s) of crashed attempts, queued %d done job(s) again, %d job(s) will "
+                 "replace label images already on disk", what, len(report.removed), len(report.redone),
+                 len(report.labels_without_done))
+
+
 def reconcile(catalog: Catalog, config: Config, actor: str, grace_seconds: float | None = None) -> ReconcileReport:
     """Reconcile the catalog and the disk once (see the module docstring); never raises for one bad image."""
     report = Reconciler(catalog, config, actor, grace_seconds).run()
-    if report.removed or report.redone or report.labels_without_done:
-        log.info("start-up reconciliation: removed %d leftover(s) of crashed attempts, queued %d done job(s) "
-                 "again, %d job(s) will replace label images already on disk",
-                 len(report.removed), len(report.redone), len(report.labels_without_done))
+    _summary(report, "start-up reconciliation")
     return report
 
 
 def reconcile_daemon(daemon: Any) -> ReconcileReport | None:
-    """Reconcile at daemon start; a failure is logged, never stops the daemon."""
+    """The part of the reconciliation a start waits for (unfinished jobs); a failure is logged, never raised.
+
+    The rest runs later in the background: :func:`reconcile_finished_daemon`.
+    """
     try:
-        return reconcile(daemon.catalog, daemon.config, daemon.queue.owner)
+        report = Reconciler(daemon.catalog, daemon.config, daemon.queue.owner).run_unfinished()
+        _summary(report, "start-up reconciliation")
+        return report
     except Exception:
         log.exception("start-up reconciliation failed; continuing without it")
         return None
+
+
+def reconcile_finished_daemon(daemon: Any, stop: threading.Event, pause: float = 0.02) -> None:
+    """The rest, in the background while the daemon works: done images' labels, old leftovers."""
+    started = time.monotonic()
+    try:
+        report = Reconciler(daemon.catalog, daemon.config, daemon.queue.owner).run_finished(
+            background=True, stop=stop, pause=pause)
+    except Exception:
+        log.exception("start-up reconciliation of finished images failed; continuing without it")
+        return
+    _summary(report, "start-up reconciliation of finished images")
+    if report.redone:
+        daemon.work_event.set()
+    log.debug("finished images reconciled in %.1f s", time.monotonic() - started)

@@ -198,6 +198,16 @@ def test_sigterm_finishes_current_image_second_signal_releases(tmp_path: Path, a
     assert [j[:2] for j in jobs_for(state, str(second))] == [("queued", 0)]
 
 
+def test_watchdog_backend_finds_nested_images(tmp_path: Path, acquisition: Path, daemons, make_image) -> None:
+    """The portable event source (watchdog's observer) runs the daemon as inotify does."""
+    state = tmp_path / "state"
+    daemon = daemons(state, "--watch", str(acquisition), "--settle-seconds", "0.5", "--watch-backend", "watchdog")
+    assert "(watchdog events)" in daemon.log()
+    image, _ = make_image(acquisition / "day1" / "plateA" / "img.zarr")
+    wait_for(lambda: str(image) in done_images(state), 40, what="image found through watchdog")
+    assert labels_level0(image).max() > 0
+
+
 def test_polling_mode_finds_images(tmp_path: Path, acquisition: Path, daemons, make_image) -> None:
     state = tmp_path / "state"
     daemon = daemons(state, "--watch", str(acquisition), "--settle-seconds", "0.5", "--polling")

@@ -603,6 +603,10 @@ def test_count_folders(tmp_path: Path) -> None:
     count, complete = dc.count_folders([root], stop_after=1000, budget_s=0.5, clock=lambda: next(ticks))
     assert not complete and count < 6  # out of time: a lower bound
     assert dc.count_folders([tmp_path / "missing"], stop_after=10) == (0, True)
+    # containers are watched only while written: their folders are not counted
+    (root / "a" / "plate.zarr" / "A" / "1").mkdir(parents=True)
+    assert dc.count_folders([root], stop_after=1000) == (9, True)
+    assert dc.count_folders([root], stop_after=1000, suffixes=[".zarr"]) == (6, True)
 
 
 def test_disk_space_thresholds() -> None:

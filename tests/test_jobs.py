@@ -25,7 +25,7 @@ def facts(n: int) -> ImageFacts:
 def test_migrations_match_models_and_file_is_private(catalog: Catalog, tmp_path: Path) -> None:
     with catalog.engine.connect() as conn:
         assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
-    assert catalog.schema_revision() == "0004"
+    assert catalog.schema_revision() == "0005"
     assert (tmp_path / "state" / "catalog.sqlite").stat().st_mode & 0o077 == 0
 
 

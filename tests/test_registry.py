@@ -238,7 +238,7 @@ def test_upgrade_from_0001_keeps_rows(tmp_path: Path) -> None:
         conn.exec_driver_sql("INSERT INTO jobs (id, image_id, run_key, state, attempts, created_at) VALUES "
                              "(1, 1, 'fp:p1', 'done', 1, '2026-01-01')")
     catalog.migrate()
-    assert catalog.schema_revision() == "0004"
+    assert catalog.schema_revision() == "0005"
     with catalog.engine.begin() as conn:
         assert conn.exec_driver_sql("SELECT run_key, experiment, adapter_id FROM jobs").all() == [("fp:p1", None, None)]
     # an image processed before the upgrade is not queued again: its run key has no route

@@ -70,7 +70,7 @@ def test_upgrade_from_0002_moves_states_and_keeps_results(tmp_path: Path) -> Non
             "cellseg1d_version, pipeline_version, exports, created_at) "
             "VALUES (1, 1, 1, '/a.zarr/labels/cellseg1d', 7, 1, 'classical', '0', '1', '{}', '2026-01-01')")
     catalog.migrate()
-    assert catalog.schema_revision() == "0004"
+    assert catalog.schema_revision() == "0005"
     with catalog.engine.begin() as conn:
         states = dict(conn.exec_driver_sql("SELECT id, state FROM jobs").all())
         assert states == {1: "done", 2: "quarantined", 3: "failed", 4: "queued", 5: "running"}

@@ -29,10 +29,20 @@ def age_tree(folder: Path, seconds: float = 3600) -> None:
             os.utime(Path(dirpath) / name, (old, old))
 
 
+#: Every event source: the Linux default, watchdog's portable observer, and stat polling.
+BACKENDS = [pytest.param({"backend": "inotify"}, id="inotify"), pytest.param({"backend": "watchdog"}, id="watchdog"),
+            pytest.param({"polling": True, "poll_interval": 0.2}, id="poll")]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> dict:
+    return request.param
+
+
 @pytest.fixture
-def watched(acquisition: Path):
+def watched(acquisition: Path, backend: dict):
     tracker = ImageTracker([acquisition], [".zarr"], SETTLE)
-    watcher = Watcher(tracker)
+    watcher = Watcher(tracker, **backend)
     watcher.start()
     yield tracker
     watcher.stop()
@@ -68,7 +78,10 @@ def test_slow_writer_is_not_ready_until_quiet(watched: ImageTracker, acquisition
     assert seen_at <= finished + SETTLE + 1.0
 
 
-def test_events_in_labels_and_partial_files(watched: ImageTracker, acquisition: Path) -> None:
+def test_events_in_labels_and_partial_files(watched: ImageTracker, acquisition: Path, backend: dict) -> None:
+    if backend.get("polling"):
+        pytest.skip("polling looks inside a container only while it is being written; a rewrite of an image "
+                    "already handed on is found by the sweep once the container retires (test_long_run)")
     image = acquisition / "img.zarr"
     slow_write(image, pause=0).join()
     deadline = time.monotonic() + 10
@@ -141,14 +154,14 @@ def test_symlinked_folder_outside_root_is_not_followed(tmp_path: Path, acquisiti
     assert tracker.rescan() == 0
 
 
-def test_watcher_survives_label_folders_being_replaced(acquisition: Path) -> None:
+def test_watcher_survives_label_folders_being_replaced(acquisition: Path, backend: dict) -> None:
     """Publishing renames label folders in and out under a recursive watch; the watcher keeps working."""
     import shutil
 
     labels = acquisition / "a.zarr" / "labels"
     (labels / "cellseg1d" / "0").mkdir(parents=True)
     tracker = ImageTracker([acquisition], [".zarr"], SETTLE)
-    watcher = Watcher(tracker)
+    watcher = Watcher(tracker, **backend)
     watcher.start()
     time.sleep(0.3)
     for i in range(3):  # what StagedLabels.publish does when it replaces an earlier label image

@@ -4,6 +4,7 @@ from cellseg1d.catalog.db import Catalog
 from cellseg1d.catalog.models import (
     Adapter,
     Assignment,
+    Container,
     Experiment,
     ExportOutcome,
     ExportStatus,
@@ -18,6 +19,6 @@ from cellseg1d.catalog.models import (
 )
 
 __all__ = [
-    "Adapter", "Assignment", "Catalog", "Experiment", "ExportOutcome", "ExportStatus", "Image", "ImageStatus", "Job", "JobEvent", "JobEventKind",
+    "Adapter", "Assignment", "Catalog", "Container", "Experiment", "ExportOutcome", "ExportStatus", "Image", "ImageStatus", "Job", "JobEvent", "JobEventKind",
     "JobState", "Result", "utcnow",
 ]

@@ -8,7 +8,10 @@ stain, microscope setting); adapters are the registered LoRA adapter
 versions; an assignment points an experiment at one adapter version (the
 assignment with ``unassigned_at`` NULL is the current one; older rows are
 the history). Job events record what happened to a job besides its state
-(quarantined, released, retried now, redone at start-up) and why.
+(quarantined, released, retried now, redone at start-up) and why. A
+container row says that the watcher finished with a container (every image
+in it handed on) and what its metadata looked like then, so that a restart
+skips it without opening it while it is unchanged.
 """
 
 from __future__ import annotations
@@ -281,3 +284,23 @@ class Assignment(Base):
 
     experiment: Mapped[Experiment] = relationship()
     adapter: Mapped[Adapter] = relationship()
+
+
+class Container(Base):
+    """A container the watcher finished with: every image in it handed on (queued, done or rejected).
+
+    ``signature`` is a stat-level summary of the container's folders and
+    metadata files (:func:`cellseg1d.watch.container_signature`) over
+    ``images`` (the image groups' paths inside the container, ``""`` for the
+    container itself): while it is unchanged the container is not opened again.
+    """
+
+    __tablename__ = "containers"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    #: The watched folder it was found under.
+    root: Mapped[str] = mapped_column(Text)
+    signature: Mapped[str] = mapped_column(String(64))
+    images: Mapped[list[str]] = mapped_column(JSON)
+    recorded_at: Mapped[datetime]

@@ -11,7 +11,7 @@ followed, so nothing outside a watched root is read.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from cellseg1d.errors import ImageError
@@ -20,6 +20,8 @@ from cellseg1d.ngff.reader import NotAGroup, ome_attributes, read_group_attribut
 #: How deep below a container images are looked for (plate/row/column/field).
 MAX_IMAGE_DEPTH = 4
 OUTPUT_DIR_NAMES = frozenset({"labels"})
+#: The files that make a folder a zarr group (v3, then v2).
+GROUP_METADATA = ("zarr.json", ".zattrs", ".zgroup")
 
 
 def is_container_name(name: str, suffixes: Sequence[str]) -> bool:
@@ -71,22 +73,33 @@ def folders_up_to(image_path: Path, container: Path) -> list[Path]:
     return folders
 
 
-def find_containers(root: Path, suffixes: Sequence[str]) -> Iterator[Path]:
-    """Every container under ``root``; does not descend into containers or follow links."""
+def find_containers(root: Path, suffixes: Sequence[str],
+                    on_folder: Callable[[Path], None] | None = None) -> Iterator[Path]:
+    """Every container under ``root``; does not descend into containers or follow links.
+
+    Folders are listed as a stream (a folder of a million containers is never
+    held in memory). ``on_folder`` is called with ``root`` and every folder of
+    containers below it, before that folder is listed.
+    """
     stack = [root]
     while stack:
         folder = stack.pop()
+        if on_folder is not None:
+            on_folder(folder)
         try:
-            entries = list(os.scandir(folder))
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    try:
+                        if not entry.is_dir(follow_symlinks=False):
+                            continue
+                    except OSError:
+                        continue  # vanished while listing
+                    if is_container_name(entry.name, suffixes):
+                        yield Path(entry.path)
+                    elif not entry.name.startswith("."):
+                        stack.append(Path(entry.path))
         except OSError:
             continue  # vanished or unreadable folder: nothing to find there now
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False):
-                continue
-            if is_container_name(entry.name, suffixes):
-                yield Path(entry.path)
-            elif not entry.name.startswith("."):
-                stack.append(Path(entry.path))
 
 
 def is_output_path(path: Path, container: Path) -> bool:
@@ -100,7 +113,7 @@ def is_output_path(path: Path, container: Path) -> bool:
 
 def has_group_metadata(folder: Path) -> bool:
     """Whether ``folder`` has zarr metadata (a folder in a metadata file's place counts: it is reported)."""
-    return any(os.path.lexists(folder / n) for n in ("zarr.json", ".zattrs", ".zgroup"))
+    return any(os.path.lexists(folder / n) for n in GROUP_METADATA)
 
 
 def list_images(container: Path, problems: list[tuple[Path, str]] | None = None) -> list[Path]:
