@@ -6,7 +6,7 @@ prompts decoded, masks accepted and seconds; asserts nothing. Run::
     .venv/bin/python bench/bench_accuracy.py [--images 8] [--threads 1]
 
 The model is the tiny SAM pretrained on synthetic cells that the tests use
-(``tests/data/tiny_sam_cells.safetensors``, built by
+(``cellseg1d/testing/data/tiny_sam_cells.safetensors``, built by
 ``scripts/make_tiny_base.py``; input 256). Images: held-out synthetic
 128 x 128 fields of bright cells (radius 8-14 px, ``--cells`` requested),
 the scale the model was trained at. No official SAM weights can be used here;
@@ -38,11 +38,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cellseg1d.metrics import average_precision  # noqa: E402
+from cellseg1d.model.metrics import average_precision  # noqa: E402
 from cellseg1d.model.inference import InferenceReport, InferenceSettings, segment_image  # noqa: E402
-from cellseg1d.synthetic import make_cells  # noqa: E402
+from cellseg1d.testing.synthetic import make_cells  # noqa: E402
 
-TINY_BASE = ROOT / "tests" / "data" / "tiny_sam_cells.safetensors"
+TINY_BASE = ROOT / "cellseg1d" / "testing" / "data" / "tiny_sam_cells.safetensors"
 
 PROFILES: dict[str, dict] = {
     "paper": {},
@@ -75,7 +75,7 @@ def synthetic_images(n: int, n_cells: int) -> list[tuple[str, np.ndarray, np.nda
 
 
 def folder_images(folder: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-    from cellseg1d.imageio import read_image, read_labels
+    from cellseg1d.ngff.imageio import read_image, read_labels
     from cellseg1d.model.data import to_uint8_rgb
 
     out = []

@@ -46,7 +46,7 @@ from cellseg1d.catalog import Catalog  # noqa: E402
 from cellseg1d.model.adapters import AdapterCache, AdapterMetadata, save_adapter  # noqa: E402
 from cellseg1d.model.lora import apply_lora, lora_parameter_names  # noqa: E402
 from cellseg1d.model.sam import build_sam  # noqa: E402
-from cellseg1d.registry import BaseModel, Registry, adapter_ref  # noqa: E402
+from cellseg1d.routing.registry import BaseModel, Registry, adapter_ref  # noqa: E402
 
 BASE_SHA = "0" * 64
 

@@ -38,9 +38,9 @@ if str(REPO) not in sys.path:
 from sqlalchemy import create_engine, event, text  # noqa: E402
 
 from cellseg1d.catalog import Catalog  # noqa: E402
-from cellseg1d.jobs import ImageFacts, JobQueue, run_key, run_key_prefix  # noqa: E402
-from cellseg1d.registry import ensure_experiment  # noqa: E402
-from cellseg1d.synthetic import make_czyx, write_ome_zarr  # noqa: E402
+from cellseg1d.catalog.jobs import ImageFacts, JobQueue, run_key, run_key_prefix  # noqa: E402
+from cellseg1d.routing.registry import ensure_experiment  # noqa: E402
+from cellseg1d.testing.synthetic import make_czyx, write_ome_zarr  # noqa: E402
 from tests.pg import find_pg_bindir, start_server  # noqa: E402
 
 RESULT = dict(labels_path="/x/labels/cellseg1d", object_count=3, planes=1, segmenter="classical",

@@ -38,8 +38,8 @@ if str(REPO) not in sys.path:
 import numpy as np  # noqa: E402
 
 from cellseg1d.ngff import open_image  # noqa: E402
-from cellseg1d.segmenters.classical import ClassicalParams, segment_classical  # noqa: E402
-from cellseg1d.synthetic import make_czyx, write_ome_zarr  # noqa: E402
+from cellseg1d.model.classical import ClassicalParams, segment_classical  # noqa: E402
+from cellseg1d.testing.synthetic import make_czyx, write_ome_zarr  # noqa: E402
 
 from benchkit import catalog_rows, utc_ts  # noqa: E402
 

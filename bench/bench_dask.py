@@ -8,7 +8,7 @@ Run (about 3 minutes on 2 quiet CPU cores; ``--device cuda`` applies to (3) only
 What runs
 ---------
 (1) Throughput. ``--images`` synthetic OME-Zarr images (``--size`` square,
-    ``--planes`` z planes, 2 channels; ``cellseg1d.synthetic.make_czyx``) go
+    ``--planes`` z planes, 2 channels; ``cellseg1d.testing.synthetic.make_czyx``) go
     through :meth:`cellseg1d.pipeline.Pipeline.run` from a thread pool of 2 in
     this process (what a daemon with ``jobs.workers = 2`` does), timed from the
     first submission to the last published label image (the set is run again
@@ -24,7 +24,7 @@ What runs
       worker, so 2 workers do not oversubscribe 2 cores.
 
     for the classical segmenter and for tiny SAM (the pretrained miniature SAM
-    of the tests, ``tests/data/tiny_sam_cells.safetensors``, saved here as a
+    of the tests, ``cellseg1d/testing/data/tiny_sam_cells.safetensors``, saved here as a
     ``.pth`` checkpoint; input 256, ``--sam-points`` x ``--sam-points`` grid,
     ``crop_n_layers = 0``). Every configuration is warmed first (models loaded
     on every worker, images opened), on other images. The daemon side
@@ -57,7 +57,7 @@ What runs
       score + binarisation + boxes), at the crop sizes of a tile.
 
     The cost model of one image with the default settings: ``sam.tile = 1024``
-    and ``tile_overlap = 256`` give ``len(cellseg1d.stitch.tile_boxes((2048,
+    and ``tile_overlap = 256`` give ``len(cellseg1d.model.stitch.tile_boxes((2048,
     2048), 1024, 256))`` = 9 tiles; per tile ``crop_n_layers = 1`` gives 1 + 4
     crops (``model.prompts.crop_boxes``), each one encoder pass at input 512
     and ``points_per_side**2`` = 1024 prompts; a fraction of the prompts (the
@@ -130,7 +130,7 @@ if str(REPO) not in sys.path:
 import torch
 
 CHANNELS = ["nuclei", "membrane"]
-TINY_BASE = REPO / "tests" / "data" / "tiny_sam_cells.safetensors"
+TINY_BASE = REPO / "cellseg1d" / "testing" / "data" / "tiny_sam_cells.safetensors"
 #: Encoder speedup used with --skip-vit-h: CPU vit_h encoder at input 1024 (2 threads, 2-core
 #: development machine: 45-52 s in three runs) / the SAM paper's 0.15 s on an A100.
 FALLBACK_ENCODER_SPEEDUP = 300.0
@@ -249,7 +249,7 @@ def _plugin_tasks(dask_worker: Any) -> int:
 
 
 def write_images(folder: Path, prefix: str, n: int, size: int, planes: int, seed: int) -> list[Path]:
-    from cellseg1d.synthetic import make_czyx, write_ome_zarr
+    from cellseg1d.testing.synthetic import make_czyx, write_ome_zarr
 
     n_cells = max(10, size * size // 2200)
     paths = []
@@ -287,7 +287,7 @@ class Runner:
     """A Pipeline (with its executor and plugin manager) for one segmenter and executor."""
 
     def __init__(self, config: Any) -> None:
-        from cellseg1d.executor import make_executor
+        from cellseg1d.pipeline.executor import make_executor
         from cellseg1d.pipeline import Pipeline
         from cellseg1d.plugins import build_plugin_manager
 
@@ -587,7 +587,7 @@ def tiny_pass_fraction(points: int) -> float | None:
         segment_image,
     )
     from cellseg1d.model.sam import build_sam
-    from cellseg1d.synthetic import make_czyx
+    from cellseg1d.testing.synthetic import make_czyx
 
     sam = build_sam("tiny", 256)
     sam.load_state_dict({k: v.float() for k, v in load_file(str(TINY_BASE)).items()})
@@ -633,7 +633,7 @@ def spawn(spec: dict[str, Any]) -> dict[str, Any]:
 def bench_estimate(args: argparse.Namespace) -> None:
     from cellseg1d.model.inference import InferenceSettings
     from cellseg1d.model.prompts import crop_boxes
-    from cellseg1d.stitch import tile_boxes
+    from cellseg1d.model.stitch import tile_boxes
 
     device = torch.device(args.device)
     on_cuda = device.type == "cuda"

@@ -52,7 +52,7 @@ if str(REPO) not in sys.path:
 from sqlalchemy import MetaData, func, select  # noqa: E402
 
 from cellseg1d.catalog import Catalog  # noqa: E402
-from cellseg1d.synthetic import make_czyx, write_ome_zarr  # noqa: E402
+from cellseg1d.testing.synthetic import make_czyx, write_ome_zarr  # noqa: E402
 
 from benchkit import catalog_rows, utc_ts  # noqa: E402
 

@@ -10,7 +10,7 @@ What runs
 A SAM (``--model-type``, default vit_b) at input size 512, with random weights
 (seeded; identical in every run) or ``--checkpoint PATH`` (an official SAM
 checkpoint, resized to input 512), segments one synthetic 512 x 512 cell image
-(``cellseg1d.synthetic.make_cells``, as uint8 RGB) with
+(``cellseg1d.testing.synthetic.make_cells``, as uint8 RGB) with
 
 * ours: ``cellseg1d.model.inference.segment_image`` end to end (label image),
   with its stage breakdown: embed (image encoder), decode (prompt encoder,
@@ -121,7 +121,7 @@ def _build_model(spec: dict[str, Any]):
 
 
 def _image(spec: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    from cellseg1d.synthetic import make_cells
+    from cellseg1d.testing.synthetic import make_cells
 
     image, truth = make_cells((IMAGE_SIDE, IMAGE_SIDE), spec["n_cells"], radius=(8, 16), seed=spec["seed"])
     gray = (np.clip(image, 0, 1) * 255).astype(np.uint8)
@@ -139,7 +139,7 @@ def _warm_up(sam, device: str, dtype: torch.dtype | None) -> None:
 
 
 def _run_ours(spec, sam, rgb, truth, dtype) -> dict[str, Any]:
-    from cellseg1d.metrics import average_precision
+    from cellseg1d.model.metrics import average_precision
     from cellseg1d.model.inference import InferenceReport, InferenceSettings, segment_image
 
     settings = InferenceSettings(points_per_side=spec["points_per_side"], image_size=IMAGE_SIDE,
@@ -192,7 +192,7 @@ def _run_reference(spec, sam, rgb, dtype) -> dict[str, Any]:
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
     """One timed run in this process; returns a JSON-able result."""
     torch.set_num_threads(spec["threads"])
-    dtype = {"fp32": None, "bf16": torch.bfloat16}[spec["dtype"]]
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["dtype"]]
     sam = _build_model(spec)
     rgb, truth = _image(spec)
     _warm_up(sam, spec["device"], dtype)
@@ -216,7 +216,7 @@ def _duplicated_cells(seed: int, copies: int) -> tuple[np.ndarray, np.ndarray]:
     """Cell masks (N, 512, 512) bool as a decoder produces them: each cell ``copies`` times, jittered."""
     from scipy import ndimage
 
-    from cellseg1d.synthetic import make_cells
+    from cellseg1d.testing.synthetic import make_cells
 
     _, truth = make_cells((IMAGE_SIDE, IMAGE_SIDE), 150, radius=(8, 16), seed=seed)
     rng = np.random.default_rng(seed)
@@ -318,7 +318,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--points-per-side", type=int, default=None, help="default: 32 on CUDA, 16 on CPU")
     parser.add_argument("--crop-n-layers", type=int, default=1, help="1 (paper): 5 crops; 0: whole image only")
     parser.add_argument("--modes", default="paper,lowered")
-    parser.add_argument("--dtypes", default="auto", help="fp32,bf16 or auto (bf16 only where it is native)")
+    parser.add_argument("--dtypes", default="auto", help="fp32,bf16,fp16 or auto (bf16 only where it is native); "
+                        "the full GPU measurement is bench/gpu_check.sh")
     parser.add_argument("--skip-reference", action="store_true")
     parser.add_argument("--upsample-all", action="store_true",
                         help="also time our reference order (masks for every prompt, then filters)")

@@ -21,7 +21,7 @@ from pathlib import Path
 from cellseg1d.catalog import utcnow
 from cellseg1d.catalog.db import open_catalog
 from cellseg1d.config import build_config
-from cellseg1d.report import catalog_counts, status_report
+from cellseg1d.catalog.report import catalog_counts, status_report
 from cellseg1d.service.telemetry import Telemetry
 
 STATES = ("done",) * 8 + ("queued", "failed")

@@ -6,7 +6,7 @@ Run::
 
 What runs
 ---------
-The tiny SAM pretrained on synthetic bright cells (``tests/data/tiny_sam_cells.safetensors``,
+The tiny SAM pretrained on synthetic bright cells (``cellseg1d/testing/data/tiny_sam_cells.safetensors``,
 input 256) gets a LoRA adapter trained on ONE image of another style
 (dark cells on a bright background: the base's point-prompt mIoU there is
 ~0.05), with the reference's recipe scaled to a CPU budget and four
@@ -57,15 +57,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cellseg1d.metrics import average_precision  # noqa: E402
+from cellseg1d.model.metrics import average_precision  # noqa: E402
 from cellseg1d.model.data import to_uint8_rgb  # noqa: E402
 from cellseg1d.model.inference import InferenceSettings, segment_image  # noqa: E402
 from cellseg1d.model.lora import unwrap  # noqa: E402
 from cellseg1d.model.sam import build_sam  # noqa: E402
-from cellseg1d.model.train import TrainSettings, point_prompt_score, train_adapter, training_plan  # noqa: E402
-from cellseg1d.synthetic import make_cells  # noqa: E402
+from cellseg1d.model.prompt_score import point_prompt_score  # noqa: E402
+from cellseg1d.model.train import TrainSettings, train_adapter, training_plan  # noqa: E402
+from cellseg1d.testing.synthetic import make_cells  # noqa: E402
 
-TINY_BASE = Path(__file__).resolve().parents[1] / "tests" / "data" / "tiny_sam_cells.safetensors"
+TINY_BASE = Path(__file__).resolve().parents[1] / "cellseg1d" / "testing" / "data" / "tiny_sam_cells.safetensors"
 VARIANTS = [("reference", "output"), ("annealed", "output"), ("reference", "input"), ("annealed", "input")]
 
 

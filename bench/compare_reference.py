@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_BASE = ROOT / "tests" / "data" / "tiny_sam_cells.safetensors"
+TINY_BASE = ROOT / "cellseg1d" / "testing" / "data" / "tiny_sam_cells.safetensors"
 
 
 def _import_reference(reference: Path, stable_ties: bool) -> types.SimpleNamespace:
@@ -96,9 +96,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     ref = _import_reference(args.reference, args.stable_ties)
-    from cellseg1d.metrics import average_precision
+    from cellseg1d.model.metrics import average_precision
     from cellseg1d.model.inference import InferenceSettings, segment_image
-    from cellseg1d.synthetic import make_cells
+    from cellseg1d.testing.synthetic import make_cells
 
     model, size = _model(args)
     for seed, shape, layers in [(1, (384, 384), 1), (2, (300, 420), 1), (3, (256, 256), 0), (4, (512, 512), 1)]:

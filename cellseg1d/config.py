@@ -165,7 +165,7 @@ class SegmentationSettings(_Section):
     @field_validator("labels_name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        from cellseg1d.ngff.names import check_output_name
+        from cellseg1d.types import check_output_name
 
         return check_output_name(value)
 
@@ -181,6 +181,10 @@ class ClassicalSettings(_Section):
 
 #: The names of cellseg1d.model.sam.SPECS (kept here so that reading a config does not import torch).
 SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h", "tiny")
+
+
+#: Names of the inference profiles (``sam.profile``); what each sets is in :mod:`cellseg1d.model.profiles`.
+SAM_PROFILES = ("paper", "fast", "quick")
 
 
 class SamSettings(_Section):
@@ -220,6 +224,17 @@ class SamSettings(_Section):
     #: Planes larger than this (pixels per side) are segmented in overlapping tiles.
     tile: int = Field(1024, ge=128)
     tile_overlap: int = Field(256, ge=0)
+    #: Named inference profile: "paper" (the CellSeg1 paper's settings, labels equal to the reference's),
+    #: "fast" (bfloat16 where the hardware has it) or "quick" (also a 16 x 16 grid, no crops). Settings
+    #: written in this section win over the profile's. Measured time and AP of each: docs/engine.md.
+    profile: str = "paper"
+
+    @field_validator("profile")
+    @classmethod
+    def _known_profile(cls, value: str) -> str:
+        if value not in SAM_PROFILES:
+            raise ValueError(f"{value!r} is not a SAM profile (sam.profile: one of {', '.join(SAM_PROFILES)})")
+        return value
 
     @field_validator("checkpoint", "adapter")
     @classmethod
@@ -343,14 +358,11 @@ class ExecutorSettings(_Section):
         return path if best is None else best.worker / path.relative_to(best.daemon)
 
 
-class MetricsSettings(_Section):
-    """The Prometheus ``/metrics`` and ``/healthz`` HTTP endpoint (off by default)."""
+class _ServedSection(_Section):
+    """A section with an optional ``address`` to serve HTTP on (off when empty)."""
 
-    #: ``HOST:PORT`` to serve on, e.g. ``"127.0.0.1:9108"``; a bare ``PORT`` or ``":PORT"``
-    #: binds loopback only. Empty: no endpoint. ``0.0.0.0:9108`` exposes it to the network.
+    #: ``HOST:PORT`` to serve on; a bare ``PORT`` or ``":PORT"`` binds loopback only. Empty: off.
     address: str | None = None
-    #: ``/healthz`` answers 503 when the scheduler loop has not ticked for this long.
-    stale_after_seconds: float = Field(30.0, gt=0)
 
     @field_validator("address")
     @classmethod
@@ -362,8 +374,46 @@ class MetricsSettings(_Section):
 
     @property
     def host_port(self) -> tuple[str, int] | None:
-        """``(host, port)`` to bind, or None when the endpoint is off."""
+        """``(host, port)`` to bind, or None when it is off."""
         return None if self.address is None else parse_address(self.address)
+
+
+class MetricsSettings(_ServedSection):
+    """The Prometheus ``/metrics`` and ``/healthz`` HTTP endpoint (off by default).
+
+    ``address`` e.g. ``"127.0.0.1:9108"``; ``0.0.0.0:9108`` exposes it to the network.
+    """
+
+    #: ``/healthz`` answers 503 when the scheduler loop has not ticked for this long.
+    stale_after_seconds: float = Field(30.0, gt=0)
+
+
+#: Environment variable holding the dashboard's access token (instead of ``dashboard.token``).
+DASHBOARD_TOKEN_ENV = "CELLSEG1D_DASHBOARD_TOKEN"
+#: Shortest accepted dashboard token.
+DASHBOARD_TOKEN_MIN = 16
+
+
+class DashboardSettings(_ServedSection):
+    """The read-only web dashboard (off by default; ``cellseg1d dashboard`` serves it on its own).
+
+    ``address`` beyond loopback (``0.0.0.0:8080``) requires a token.
+    """
+
+    #: Access token (at least 16 characters), or set ``CELLSEG1D_DASHBOARD_TOKEN``; required beyond loopback.
+    #: Browsers give it once as ``?token=...`` (kept in a cookie); scripts send ``Authorization: Bearer ...``.
+    token: str | None = None
+
+    @field_validator("token")
+    @classmethod
+    def _check_token(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip()
+        if len(value) < DASHBOARD_TOKEN_MIN:
+            raise ValueError(f"the token must have at least {DASHBOARD_TOKEN_MIN} characters (e.g. the output "
+                             "of 'openssl rand -hex 16')")
+        return value
 
 
 def parse_address(value: str) -> tuple[str, int]:
@@ -398,6 +448,7 @@ class Config(_Section):
     jobs: JobSettings = Field(default_factory=JobSettings)
     plugins: PluginSettings = Field(default_factory=PluginSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    dashboard: DashboardSettings = Field(default_factory=DashboardSettings)
     executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     #: Settings for third-party plugins, one table per plugin name; passed as-is.
     plugin_settings: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -456,8 +507,9 @@ def apply_env_overrides(data: dict[str, Any], environ: dict[str, str] | None = N
     """Merge ``CELLSEG1D_SECTION__KEY=value`` variables into a config dict."""
     environ = dict(os.environ if environ is None else environ)
     for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or name in (ENV_PREFIX + "CONFIG", ENV_PREFIX + "CATALOG_PASSWORD"):
-            continue  # not settings: the config file's path and the catalog password (read by the catalog)
+        if not name.startswith(ENV_PREFIX) or name in (ENV_PREFIX + "CONFIG", ENV_PREFIX + "CATALOG_PASSWORD",
+                                                       DASHBOARD_TOKEN_ENV):
+            continue  # not settings: the config file's path and secrets (read where they are used)
         keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__") if k]
         if not keys:
             continue
@@ -504,3 +556,9 @@ def load_config(
             target = target.setdefault(key, {})
         target[last] = value
     return build_config(data, source)
+
+
+def default_state_dir() -> Path:
+    """Where a quick-start daemon (no config file) keeps its catalog."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "cellseg1d"

@@ -5,12 +5,12 @@ The real bases (vit_b/l/h) are large downloads; tests that need a base which
 already segments cells (e.g. to check that a LoRA adapter adapts it to a new
 image style) use this one instead: ``build_sam("tiny", image_size=256)``
 (about 5.3M parameters) trained, every weight, on synthetic bright cells on a
-dark background (:func:`cellseg1d.synthetic.make_cells`) to segment a cell
+dark background (:func:`cellseg1d.testing.synthetic.make_cells`) to segment a cell
 from one point prompt, with the CellSeg1 training loop
 (:func:`cellseg1d.model.train.fit`) plus a Dice term.
 
 The result is written as a float16 state dict in safetensors format
-(``tests/data/tiny_sam_cells.safetensors``, about 11 MB), with the
+(``cellseg1d/testing/data/tiny_sam_cells.safetensors``, about 11 MB), with the
 architecture, input size, seed and the reached point-prompt mIoU in its
 metadata. Load it with :func:`load_tiny_base`.
 
@@ -37,9 +37,9 @@ sys.path.insert(0, str(ROOT))
 from cellseg1d.model.data import AugmentSettings, CellTileDataset, make_tiles  # noqa: E402
 from cellseg1d.model.sam import build_sam  # noqa: E402
 from cellseg1d.model.train import TrainSettings, fit, point_prompt_score  # noqa: E402
-from cellseg1d.synthetic import make_cells  # noqa: E402
+from cellseg1d.testing.synthetic import make_cells  # noqa: E402
 
-DEFAULT_OUT = ROOT / "tests" / "data" / "tiny_sam_cells.safetensors"
+DEFAULT_OUT = ROOT / "cellseg1d" / "testing" / "data" / "tiny_sam_cells.safetensors"
 SPEC = "tiny"
 IMAGE_SIZE = 256
 SEED = 0

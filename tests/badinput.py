@@ -39,7 +39,7 @@ import zarr
 from numcodecs import GZip
 from zarr.codecs import GzipCodec
 
-from cellseg1d.synthetic import make_czyx, write_ome_zarr
+from cellseg1d.testing.synthetic import make_czyx, write_ome_zarr
 
 SIZE = 64
 N_CELLS = 6

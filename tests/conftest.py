@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from cellseg1d.catalog import Catalog
-from cellseg1d.synthetic import make_czyx, write_ome_zarr
+from cellseg1d.testing import migrated_catalog
+from cellseg1d.testing.synthetic import make_czyx, write_ome_zarr
 from tests.helpers import DaemonProcess
 from tests.pg import PgServer, find_pg_bindir, start_server
 
@@ -30,9 +31,8 @@ def state(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def catalog(state: Path) -> Iterator[Catalog]:
-    """A migrated SQLite catalog in ``state``."""
-    cat = Catalog(f"sqlite:///{state / 'catalog.sqlite'}")
-    cat.migrate()
+    """A migrated SQLite catalog in ``state`` (the plugin kit's, where a daemon on ``state`` finds it)."""
+    cat = migrated_catalog(state)
     yield cat
     cat.close()
 

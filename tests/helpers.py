@@ -12,7 +12,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cellseg1d.testing import TINY_SAM_BASE
+
 REPO = Path(__file__).resolve().parents[1]
+#: The tests' tiny SAM-architecture base pretrained on synthetic cells (shipped with the plugin kit).
+TINY_BASE = TINY_SAM_BASE
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:

@@ -18,7 +18,7 @@ import pytest
 
 from cellseg1d.catalog import ExportOutcome
 from cellseg1d.errors import ConfigError
-from cellseg1d.exports import ExportsFailed
+from cellseg1d.pipeline.exports import ExportsFailed
 from cellseg1d.hookspecs import PLUGIN_API, hookimpl
 from cellseg1d.plugins import build_plugin_manager
 from tests.helpers import REPO, catalog_rows, image_status, jobs_for, wait_for
@@ -183,7 +183,7 @@ def test_daemon_records_export_outcomes_and_a_hung_export_never_holds_the_others
 def test_export_outcomes_are_stored_with_a_done_job(tmp_path: Path, catalog, synthetic_image) -> None:
     from sqlalchemy import select
 
-    from cellseg1d.jobs import ImageFacts, JobQueue
+    from cellseg1d.catalog.jobs import ImageFacts, JobQueue
 
     queue = JobQueue(catalog, "me", 60, 3, 0)
     queue.enqueue(ImageFacts("/a.zarr", "/", "/a.zarr", "fp"), "fp:p1")

@@ -24,7 +24,7 @@ from cellseg1d.hookspecs import hookimpl
 from cellseg1d.ngff.reader import open_image
 from cellseg1d.pipeline import Pipeline, PipelineResult
 from cellseg1d.plugins import build_plugin_manager
-from cellseg1d.synthetic import make_czyx, write_plate
+from cellseg1d.testing.synthetic import make_czyx, write_plate
 from cellseg1d.types import ExportContext, ReadinessQuery, SegmentRequest, Segmentation
 from tests.helpers import catalog_rows, image_status, jobs_for, wait_for
 
@@ -246,7 +246,7 @@ def test_enabling_a_missing_plugin_names_the_setting() -> None:
 
 
 def test_daemon_refuses_to_start_with_a_missing_plugin(tmp_path: Path, acquisition: Path) -> None:
-    from cellseg1d.daemon import Daemon
+    from cellseg1d.service.daemon import Daemon
 
     config = _config(acquisition, tmp_path, plugins={"enable": ["no-such-plugin"]})
     with pytest.raises(ConfigError, match="plugins.enable"):
@@ -348,10 +348,10 @@ def test_image_ready_hook_answers(acquisition: Path, make_image) -> None:
 
 
 class DaemonThread:
-    """A :class:`cellseg1d.daemon.Daemon` run in a thread (no signal handlers)."""
+    """A :class:`cellseg1d.service.daemon.Daemon` run in a thread (no signal handlers)."""
 
     def __init__(self, config: Config, *plugins: Any) -> None:
-        from cellseg1d.daemon import Daemon
+        from cellseg1d.service.daemon import Daemon
 
         self.daemon = Daemon(config, extra_plugins=plugins)
         self.error: BaseException | None = None

@@ -7,7 +7,7 @@ from dataclasses import asdict
 import numpy as np
 
 from cellseg1d.hookspecs import hookimpl
-from cellseg1d.segmenters.classical import ClassicalParams, segment_classical
+from cellseg1d.model.classical import ClassicalParams, segment_classical
 from cellseg1d.types import SegmentRequest, Segmentation
 
 NAME = "classical"

@@ -181,11 +181,15 @@ def base_only(base: BaseSam) -> Any:
 
 
 def inference_settings(settings: Any) -> Any:
-    """The engine's InferenceSettings from the ``[sam]`` config section."""
+    """The engine's InferenceSettings from the ``[sam]`` config section: its values, then the profile's
+    (``sam.profile``), then the settings written explicitly in the section."""
     from cellseg1d.model.inference import InferenceSettings
+    from cellseg1d.model.profiles import DEFAULT_PROFILE, explicit_settings, profile_values
 
     names = {f.name for f in dataclasses.fields(InferenceSettings)}
     values = {k: v for k, v in settings.model_dump().items() if k in names}
+    explicit = {k: v for k, v in explicit_settings(settings).items() if k in names}
+    values.update(profile_values(getattr(settings, "profile", DEFAULT_PROFILE), explicit))
     return InferenceSettings(**values)
 
 
@@ -204,7 +208,8 @@ def segment_rgb(model: Any, rgb: np.ndarray, settings: Any) -> np.ndarray:
 def settings_record(settings: Any) -> dict[str, Any]:
     """The segmentation settings recorded in provenance."""
     record = dataclasses.asdict(inference_settings(settings))
-    record.update(tile=settings.tile, tile_overlap=settings.tile_overlap, normalize=settings.normalize)
+    record.update(tile=settings.tile, tile_overlap=settings.tile_overlap, normalize=settings.normalize,
+                  profile=getattr(settings, "profile", "paper"))
     return record
 
 

@@ -1,7 +1,7 @@
 """The containers the watcher finished with (table ``containers``): record, look up, page through.
 
 The watcher records a container once every image in it was handed on and
-it stayed quiet (:class:`cellseg1d.watch.Retired`). At start and at every
+it stayed quiet (:class:`cellseg1d.service.watch.Retired`). At start and at every
 rescan the daemon then needs, per container found on disk, one indexed
 look-up (is it recorded?) and, per recorded container, a few ``stat`` calls
 (is it unchanged?); none of them opens an image. Every function here works

@@ -290,7 +290,7 @@ class Container(Base):
     """A container the watcher finished with: every image in it handed on (queued, done or rejected).
 
     ``signature`` is a stat-level summary of the container's folders and
-    metadata files (:func:`cellseg1d.watch.container_signature`) over
+    metadata files (:func:`cellseg1d.service.watch.container_signature`) over
     ``images`` (the image groups' paths inside the container, ``""`` for the
     container itself): while it is unchanged the container is not opened again.
     """

@@ -81,8 +81,9 @@ from segment_anything.modeling import Sam
 
 from cellseg1d.errors import CellsegError
 from cellseg1d.model import nms as nms_ops
-from cellseg1d.model.fastdecode import two_way_transformer
+from cellseg1d.model.fastdecode import SharedImage, shared_image, two_way_transformer
 from cellseg1d.model.postprocess import PAINT_MODES, paint_labels, remove_small_regions
+from cellseg1d.model.profiles import PRECISIONS
 from cellseg1d.model.prompts import CropBox, crop_boxes, point_grid, points_in_crop, resized_shape
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class InferenceSettings:
     points_per_side: int = 32
     #: Prompts decoded together.
     points_per_batch: int = 64
+    #: Prompts through the decoder's transformer at once, within each batch (results do not depend on it;
+    #: at least 2, see :func:`sub_batches`); None: by device (:func:`default_decode_batch`: 8 on the CPU,
+    #: where smaller temporaries stay in cache and avoid page faults).
+    decode_batch: int | None = None
     #: 0: whole image only; 1: also 2 x 2 crops; n: also the 2**i x 2**i crops of layers i <= n.
     crop_n_layers: int = 1
     #: Overlap of layer-1 crops as a fraction of the shorter image side.
@@ -134,8 +139,17 @@ class InferenceSettings:
     cleanup_nms: str = "reference"
     #: Painting the label image: "reference" or "largest_piece" (see postprocess.paint_labels).
     paint: str = "reference"
+    #: Precision of the image encoder: "fp32" (the reference), "bf16" or "fp16" (autocast), or "auto":
+    #: bf16 where the hardware has it (CUDA with bf16, CPUs with AMX or AVX512-BF16), else fp32.
+    encoder_precision: str = "fp32"
+    #: Precision of the mask decoder, as ``encoder_precision``; "auto" is bf16 on CUDA only (on a CPU the
+    #: decoder is bound by memory traffic, and bf16 was measured no faster there: docs/engine.md).
+    decoder_precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        for name in ("encoder_precision", "decoder_precision"):
+            if getattr(self, name) not in PRECISIONS:
+                raise ValueError(f"{name} must be one of {', '.join(PRECISIONS)}, got {getattr(self, name)!r}")
         if self.cleanup_nms not in CLEANUP_NMS_MODES:
             raise ValueError(f"cleanup_nms must be one of {', '.join(CLEANUP_NMS_MODES)}, got {self.cleanup_nms!r}")
         if self.paint not in PAINT_MODES:
@@ -289,14 +303,68 @@ def _model_input(sam: Sam, image_t: torch.Tensor, crop: CropBox, image_size: int
     return sam.preprocess(x), new_hw
 
 
+def native_bf16(device: torch.device) -> bool:
+    """True where bfloat16 matrix products are native: CUDA devices that support it, CPUs with AMX/AVX512-BF16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            return bool(torch.cuda.is_bf16_supported())
+    if device.type == "cpu":
+        capability = torch.backends.cpu.get_cpu_capability().upper()
+        if "AVX512" not in capability:
+            return False
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+                flags = info.read(200_000)
+        except OSError:
+            return False
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    return False
+
+
+def precision_dtype(precision: str, device: torch.device, stage: str = "encoder") -> torch.dtype | None:
+    """The autocast dtype of a precision setting on ``device`` (None: float32); ``stage`` "encoder" or "decoder".
+
+    "auto": bfloat16 where :func:`native_bf16`, for the decoder only on CUDA; else float32.
+    """
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision == "auto":
+        device = torch.device(device)
+        if stage == "decoder" and device.type != "cuda":
+            return None
+        return torch.bfloat16 if native_bf16(device) else None
+    raise ValueError(f"unknown precision {precision!r}; known: {', '.join(PRECISIONS)}")
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def default_decode_batch(device: torch.device) -> int | None:
+    """Prompts per transformer pass by device: 8 on the CPU (measured fastest, docs/engine.md), else no limit."""
+    return 8 if torch.device(device).type == "cpu" else None
+
+
+def decoder_image(sam: Sam, embedding: torch.Tensor, dense_pe: torch.Tensor) -> SharedImage:
+    """The decoder's prompt-independent image side of one crop (embedding + "no mask" embedding, projected).
+
+    Pass it to :func:`decode_scores` for every prompt batch of the crop; bit for bit the same results.
+    """
+    grid = embedding.shape[-2:]
+    no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(1, -1, *grid)
+    return shared_image(sam.mask_decoder.transformer, embedding + no_mask, dense_pe)
+
+
 def decode_scores(
-    sam: Sam, embedding: torch.Tensor, dense_pe: torch.Tensor, coords: torch.Tensor
+    sam: Sam, embedding: torch.Tensor, dense_pe: torch.Tensor, coords: torch.Tensor,
+    shared: SharedImage | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """First stage of the mask decoder for single foreground points: scores before masks.
 
@@ -315,7 +383,9 @@ def decode_scores(
     transformer is :func:`cellseg1d.model.fastdecode.two_way_transformer`: the
     same function with the image-side projections moved to the prompt side
     (about 2x fewer operations per prompt on a CPU). Results match
-    ``sam.mask_decoder`` up to float rounding (tested).
+    ``sam.mask_decoder`` up to float rounding (tested). ``shared``
+    (:func:`decoder_image` of this embedding) reuses the image side across
+    batches.
     """
     decoder = sam.mask_decoder
     batch = coords.shape[0]
@@ -323,9 +393,10 @@ def decode_scores(
     sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)  # (B, 2, 256), (B, 256, G, G)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)  # (1 + M, 256)
     tokens = torch.cat([output_tokens[None].expand(batch, -1, -1), sparse.to(output_tokens.dtype)], dim=1)
-    src = embedding + dense[:1]  # (1, 256, G, G): the "no mask" embedding is the same for every prompt
+    src = embedding + dense[:1] if shared is None else None  # (1, 256, G, G): the same for every prompt
     # (B, 2, 256): only the IoU token and the single-mask token are needed; (B, G*G, 256)
-    token_out, image_tokens = two_way_transformer(decoder.transformer, src, dense_pe, tokens, first_tokens=2)
+    token_out, image_tokens = two_way_transformer(decoder.transformer, src, dense_pe, tokens, first_tokens=2,
+                                                  shared=shared)
     iou = decoder.iou_prediction_head(token_out[:, 0])[:, 0]  # (B,) single-mask output
     return iou, token_out[:, 1], image_tokens
 
@@ -353,6 +424,7 @@ def crop_candidates(
     dense_pe: torch.Tensor | None = None,
     clock: _Clock | None = None,
     covered: torch.Tensor | None = None,
+    encoder_autocast: torch.dtype | None | str = "same",
 ) -> Candidates:
     """The masks of one crop that pass all filters, in the crop frame, before NMS.
 
@@ -362,7 +434,8 @@ def crop_candidates(
     on their IoU-head scores before any mask is computed. Both give the
     same candidates. ``covered`` (H, W) bool, image frame, turns on point
     skipping (``settings.skip_covered_points``): points inside it are not
-    decoded, and the accepted masks are added to it.
+    decoded, and the accepted masks are added to it. ``autocast`` is the
+    decoder's autocast dtype, ``encoder_autocast`` the encoder's ("same": ``autocast``).
     """
     device = image_t.device
     image_hw = (int(image_t.shape[1]), int(image_t.shape[2]))
@@ -370,8 +443,9 @@ def crop_candidates(
     crop_hw = (crop.height, crop.width)
     with clock.stage("embed"):
         x, new_hw = _model_input(sam, image_t, crop, settings.image_size)
-        with _autocast(device, autocast):
+        with _autocast(device, autocast if encoder_autocast == "same" else encoder_autocast):
             embedding = sam.image_encoder(x)  # (1, 256, G, G)
+        embedding = embedding.float()  # no-op in float32; the decoder's autocast casts again where it runs
         if dense_pe is None:
             dense_pe = sam.prompt_encoder.get_dense_pe()  # (1, 256, G, G)
 
@@ -383,25 +457,47 @@ def crop_candidates(
     max_area = settings.max_area_fraction * image_hw[0] * image_hw[1]
     clock.count("prompts", len(points))
 
+    with clock.stage("decode"), _autocast(device, autocast):
+        shared = decoder_image(sam, embedding, dense_pe)
+    step = settings.decode_batch or default_decode_batch(device) or settings.points_per_batch
     parts: list[Candidates] = []
-    for index in _prompt_batches(points, crop, settings, covered):
-        coords = model_points[index, None, :]  # (B, 1, 2)
-        clock.count("decoded", len(index))
-        with clock.stage("decode"), _autocast(device, autocast):
-            iou, mask_token, image_tokens = decode_scores(sam, embedding, dense_pe, coords)
-        iou = iou.float()
-        keep = torch.ones_like(iou, dtype=torch.bool) if upsample_all else passes_iou(iou, settings.pred_iou_thresh)
-        if not bool(keep.any()):
-            continue
-        with clock.stage("mask_decode"), _autocast(device, autocast):
-            low_res = decode_masks(sam, mask_token[keep], image_tokens[keep])  # (K, 1, 4G, 4G)
-        with clock.stage("filter"):
-            part = _filter_batch(sam, low_res.float(), iou[keep], crop, new_hw, crop_hw, image_hw,
-                                 max_area, settings, clock, upsample_first=upsample_all)
-        if covered is not None and len(part):
-            covered[crop.y0 : crop.y1, crop.x0 : crop.x1] |= part.masks.any(dim=0)
-        parts.append(part)
+    for batch in _prompt_batches(points, crop, settings, covered):
+        clock.count("decoded", len(batch))
+        found: list[Candidates] = []
+        for sub in sub_batches(len(batch), step):  # the same masks, in the same order
+            coords = model_points[batch[sub], None, :]  # (b, 1, 2)
+            with clock.stage("decode"), _autocast(device, autocast):
+                iou, mask_token, image_tokens = decode_scores(sam, embedding, dense_pe, coords, shared=shared)
+            iou = iou.float()
+            keep = (torch.ones_like(iou, dtype=torch.bool) if upsample_all
+                    else passes_iou(iou, settings.pred_iou_thresh))
+            if not bool(keep.any()):
+                continue
+            with clock.stage("mask_decode"), _autocast(device, autocast):
+                low_res = decode_masks(sam, mask_token[keep], image_tokens[keep])  # (K, 1, 4G, 4G)
+            with clock.stage("filter"):
+                found.append(_filter_batch(sam, low_res.float(), iou[keep], crop, new_hw, crop_hw, image_hw,
+                                           max_area, settings, clock, upsample_first=upsample_all))
+        if covered is not None:
+            for part in found:
+                if len(part):
+                    covered[crop.y0 : crop.y1, crop.x0 : crop.x1] |= part.masks.any(dim=0)
+        parts.extend(found)
     return Candidates.cat(parts, crop_hw, device)
+
+
+def sub_batches(n: int, size: int) -> list[slice]:
+    """Slices of ``n`` prompts in passes of ``size``, none of a single prompt unless ``n`` is 1.
+
+    The transformer takes another (equivalent, not bit-equal) route for a batch of one prompt
+    (:mod:`cellseg1d.model.fastdecode`), so splitting must not create one: a last pass of one
+    prompt joins the pass before it.
+    """
+    size = max(2, size)
+    bounds = list(range(0, n, size)) + [n]
+    if len(bounds) > 2 and bounds[-1] - bounds[-2] == 1:
+        del bounds[-2]
+    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def coarse_to_fine(points_per_side: int) -> list[np.ndarray]:
@@ -573,8 +669,9 @@ def segment_image(
                     "free memory used by other programs, or use the CPU (sam.device = \"cpu\")"
                 ) from exc
             chunk = settings.nms_chunk or nms_ops.default_chunk(where)
+            passes = None if settings.decode_batch is None else max(1, settings.decode_batch // 2)
             smaller = replace(settings, points_per_batch=max(1, settings.points_per_batch // 2),
-                              nms_chunk=max(1, chunk // 2))
+                              decode_batch=passes, nms_chunk=max(1, chunk // 2))
             log.warning("out of memory on %s with %d prompts per batch; retrying with %d (%s)", where,
                         settings.points_per_batch, smaller.points_per_batch, str(exc).splitlines()[0][:200])
             settings = smaller
@@ -615,7 +712,8 @@ def segment_image_once(
     autocast : torch.dtype, optional
         Run the encoder and decoder under ``torch.autocast`` with this dtype
         (e.g. ``torch.bfloat16``); their outputs are cast to float32 before
-        any thresholding.
+        any thresholding. Without it, ``settings.encoder_precision`` and
+        ``settings.decoder_precision`` decide (float32 by default).
     upsample_all : bool
         Reference order: mask logits for every prompt, all upsampled, then the filters
         (slower, same result).
@@ -630,6 +728,11 @@ def segment_image_once(
     device = _resolve_device(sam, device)
     image_hw = (rgb.shape[0], rgb.shape[1])
     clock = _Clock(report, device)
+    if autocast is not None:
+        encoder_dtype = decoder_dtype = autocast
+    else:
+        encoder_dtype = precision_dtype(settings.encoder_precision, device, "encoder")
+        decoder_dtype = precision_dtype(settings.decoder_precision, device, "decoder")
     with torch.inference_mode():
         image_t = torch.from_numpy(rgb).to(device).permute(2, 0, 1).contiguous()  # (3, H, W) uint8
         dense_pe = sam.prompt_encoder.get_dense_pe()
@@ -637,8 +740,8 @@ def segment_image_once(
         per_crop: list[Candidates] = []
         covered = torch.zeros(image_hw, dtype=torch.bool, device=device) if settings.skip_covered_points else None
         for crop in crops:
-            cand = crop_candidates(sam, image_t, crop, settings, autocast=autocast, upsample_all=upsample_all,
-                                   dense_pe=dense_pe, clock=clock, covered=covered)
+            cand = crop_candidates(sam, image_t, crop, settings, autocast=decoder_dtype, upsample_all=upsample_all,
+                                   dense_pe=dense_pe, clock=clock, covered=covered, encoder_autocast=encoder_dtype)
             with clock.stage("nms"):
                 keep = nms_ops.mask_nms(cand.masks, cand.iou_pred, settings.crop_nms_thresh, boxes=cand.boxes,
                                         gate_boxes=cand.boxes if settings.box_gate else None,

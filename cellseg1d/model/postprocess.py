@@ -38,7 +38,7 @@ import torch
 from scipy import ndimage
 
 from cellseg1d.model.nms import mask_boxes
-from cellseg1d.stitch import keep_largest_regions, relabel_sequential
+from cellseg1d.model.stitch import keep_largest_regions, relabel_sequential
 
 #: Masks stacked per ``ndimage.label`` call.
 GROUP_SIZE = 64

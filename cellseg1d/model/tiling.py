@@ -1,9 +1,9 @@
 """Segmenting images larger than one tile: overlapping tiles through SAM, stitched without seams.
 
 :func:`segment_large` cuts the image into ``tile`` x ``tile`` windows
-(:func:`cellseg1d.stitch.tile_boxes`), segments each with
+(:func:`cellseg1d.model.stitch.tile_boxes`), segments each with
 :func:`cellseg1d.model.inference.segment_image` (each tile at model scale) and
-merges the tiles' label images with :func:`cellseg1d.stitch.stitch`, whose
+merges the tiles' label images with :func:`cellseg1d.model.stitch.stitch`, whose
 module documents the stitching rule and its guarantee.
 """
 
@@ -14,7 +14,7 @@ import torch
 from segment_anything.modeling import Sam
 
 from cellseg1d.model.inference import InferenceSettings, as_rgb_uint8, segment_image
-from cellseg1d.stitch import Tile, stitch, tile_boxes
+from cellseg1d.model.stitch import Tile, stitch, tile_boxes
 
 
 def segment_large(

@@ -71,15 +71,11 @@ measurements on two shared cores.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import math
 import os
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,22 +85,36 @@ from peft import PeftModel
 from segment_anything.modeling import Sam
 from torch import nn
 
-from cellseg1d.errors import CellsegError
 from cellseg1d.model.data import (
-    FILL_MODES,
-    NORMALIZE_MODES,
-    UNAUGMENTED_MODES,
-    AugmentSettings,
     CellTileDataset,
-    PromptSettings,
     collate_items,
     make_tiles,
 )
 from cellseg1d.model.device import autocast, autocast_dtype, pick_device
-from cellseg1d.model.losses import MASK_LOSS_MODES, cellseg1_loss
+from cellseg1d.model.losses import cellseg1_loss
+from cellseg1d.model.train_settings import (
+    SCHEDULES,
+    StepInfo,
+    TrainingError,
+    TrainingInterrupted,
+    TrainResult,
+    TrainSettings,
+)
+from cellseg1d.model.train_state import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    dataset_fingerprint,
+    defer_sigint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    trainable_state,
+)
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "TrainingError",
     "SCHEDULES",
     "StepInfo",
     "TrainResult",
@@ -117,194 +127,6 @@ __all__ = [
     "train_adapter",
     "training_plan",
 ]
-
-CHECKPOINT_FORMAT = "cellseg1d-training-checkpoint"
-_CHECKPOINT_VERSION = 2
-#: One-cycle schedules: "reference" (built for more steps than are taken) or "annealed".
-SCHEDULES = ("reference", "annealed")
-#: Settings that change the training trajectory: a checkpoint resumes only with equal values.
-_TRAJECTORY_FIELDS = (
-    "epochs", "batch_size", "grad_accum", "lr", "weight_decay", "pct_start", "seed", "rank", "dropout",
-    "tile", "overlap", "min_items", "resize_to", "image_size", "train_all", "augment", "max_cells",
-    "min_cell_area", "border", "top_fraction", "max_negatives", "negative_ratio", "channels", "dice_weight",
-    "schedule", "dropout_mode", "mask_loss_on", "augment_fill", "unaugmented", "normalize", "mixed_precision",
-    "tf32",
-)
-
-
-@dataclass
-class TrainSettings:
-    """Settings of one adapter training (the CellSeg1 reference's recipe by default)."""
-
-    epochs: int = 300
-    batch_size: int = 4
-    #: Batches whose gradients are summed per optimiser step (effective batch = batch_size x grad_accum).
-    grad_accum: int = 8
-    #: Peak learning rate of the one-cycle schedule.
-    lr: float = 3e-3
-    weight_decay: float = 0.01
-    #: Fraction of the scheduled steps spent warming up to ``lr``.
-    pct_start: float = 0.3
-    #: "reference": one-cycle over ``epochs * (batches + grad_accum - 1) // grad_accum`` steps
-    #: (more than are taken, so the rate never anneals); "annealed": over the steps taken.
-    schedule: str = "reference"
-    seed: int = 0
-    #: LoRA rank and dropout.
-    rank: int = 4
-    dropout: float = 0.1
-    #: "output": dropout on the adapted projections' whole output (the reference); "input": peft's.
-    dropout_mode: str = "output"
-    #: Tile side and overlap (pixels of the training image, after ``resize_to``; cellpose's tile positions).
-    tile: int = 256
-    overlap: float = 0.5
-    #: The reference's ``duplicate_data``: n < min_items tiles are repeated min_items // n + 1 times.
-    min_items: int = 32
-    #: Resize the training image first: (height, width) exactly (the reference's 512 x 512, aspect not
-    #: kept), an int: the longest side (aspect kept), None: not at all.
-    resize_to: int | tuple[int, int] | None = (512, 512)
-    #: SAM input size (multiple of 16); the base model must be built for it.
-    image_size: int = 512
-    #: Train every weight of the base as well (small/custom bases only).
-    train_all: bool = False
-    #: Stop after this many optimiser steps (the schedule is compressed into them).
-    max_steps: int | None = None
-    #: "auto" (CUDA, else MPS, else CPU), "cuda", "cuda:N", "mps" or "cpu".
-    device: str = "auto"
-    #: bfloat16 autocast where supported (CUDA); off: float32, the reference's numerics.
-    mixed_precision: bool = False
-    #: TF32 matrix products and convolutions on CUDA during training (the reference allows them).
-    tf32: bool = True
-    #: Random augmentations (off: no augmentation at all).
-    augment: bool = True
-    #: Pixels an augmentation maps from outside the tile: "zero" (black, the reference) or "median".
-    augment_fill: str = "zero"
-    #: Without augmentation: "pad" (the tile as it is, SAM pads it: the reference) or "resize".
-    unaugmented: str = "pad"
-    #: Channels of a multi-channel image to train on (see ``to_uint8_rgb``).
-    channels: tuple[int, ...] | None = None
-    #: Image to 8 bits: "minmax" (the reference) or "percentile" (see ``to_uint8_rgb``).
-    normalize: str = "minmax"
-    #: Masks with fewer cells are refused.
-    min_cells: int = 3
-    #: Prompts in the mask (BCE) loss: "cells" (cell probability 1, the reference) or "all".
-    mask_loss_on: str = "cells"
-    #: Weight of an extra Dice loss (0 in CellSeg1; for pretraining small models from scratch).
-    dice_weight: float = 0.0
-    # Point-prompt rules (see data.PromptSettings), in pixels of the tile (and of the model input after
-    # augmentation).
-    #: At most this many positive and this many negative points per item (the reference's max_point_num).
-    max_cells: int = 30
-    #: Cells of this area or less get no prompt; None: 100 at input 512, scaled by (image_size / 512)**2.
-    min_cell_area: int | None = None
-    #: The edge band (the reference's edge_distance); None: 20 at input 512, scaled by image_size / 512.
-    border: int | None = None
-    top_fraction: float = 0.2
-    negative_ratio: float = 0.5
-    max_negatives: int = 30
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "grad_accum", "tile", "min_items", "rank", "max_cells"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.image_size % 16 or self.image_size < 16:
-            raise ValueError(f"image_size must be a positive multiple of 16, got {self.image_size}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1 (or None), got {self.max_steps}")
-        if not 0 < self.pct_start < 1:
-            raise ValueError(f"pct_start must be in (0, 1), got {self.pct_start}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
-        for name, allowed in (("schedule", SCHEDULES), ("dropout_mode", ("output", "input")),
-                              ("mask_loss_on", MASK_LOSS_MODES), ("augment_fill", FILL_MODES),
-                              ("unaugmented", UNAUGMENTED_MODES), ("normalize", NORMALIZE_MODES)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
-        if self.channels is not None:
-            self.channels = tuple(int(c) for c in self.channels)
-        if isinstance(self.resize_to, (list, tuple)):
-            if len(self.resize_to) != 2 or min(int(v) for v in self.resize_to) < 1:
-                raise ValueError(f"resize_to must be (height, width), an int or None, got {self.resize_to!r}")
-            self.resize_to = (int(self.resize_to[0]), int(self.resize_to[1]))
-        elif self.resize_to is not None and int(self.resize_to) < 1:
-            raise ValueError(f"resize_to must be positive, got {self.resize_to!r}")
-
-    def prompt_settings(self) -> PromptSettings:
-        """The point-prompt rules in pixels (defaults scaled from input 512)."""
-        factor = self.image_size / 512
-        min_area = self.min_cell_area if self.min_cell_area is not None else int(round(100 * factor**2))
-        border = self.border if self.border is not None else int(round(20 * factor))
-        return PromptSettings(
-            max_cells=self.max_cells,
-            min_cell_area=min_area,
-            border=border,
-            top_fraction=self.top_fraction,
-            negative_ratio=self.negative_ratio,
-            max_negatives=self.max_negatives,
-        )
-
-    def augment_settings(self) -> AugmentSettings | None:
-        """The augmentations (None when ``augment`` is off)."""
-        return AugmentSettings(fill=self.augment_fill) if self.augment else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-@dataclass(frozen=True)
-class StepInfo:
-    """Passed to ``on_step`` after every optimiser step."""
-
-    #: Optimiser steps done so far (1 after the first).
-    step: int
-    total_steps: int
-    loss: float
-    mask_loss: float
-    iou_loss: float
-    #: Learning rate used by this step.
-    lr: float
-    #: Seconds since this call started.
-    seconds: float
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train_adapter` / :func:`fit` return."""
-
-    #: The trained model (a peft ``PeftModel`` for :func:`train_adapter`), in eval mode.
-    model: nn.Module
-    #: Mean loss of every optimiser step (of this run and, after a resume, of the run before).
-    losses: list[float]
-    mask_losses: list[float]
-    iou_losses: list[float]
-    #: Optimiser steps done in total.
-    steps: int
-    total_steps: int
-    #: Step this call started from (0, or the checkpoint's step when resuming).
-    start_step: int
-    #: Wall-clock seconds of this call.
-    seconds: float
-    device: str
-    settings: TrainSettings
-    n_items: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-class TrainingError(CellsegError):
-    """Training cannot start or resume; the message says what to do."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training was interrupted (Ctrl-C); ``checkpoint_path`` holds a resumable state, if given."""
-
-    def __init__(self, message: str, step: int, checkpoint_path: Path | None) -> None:
-        super().__init__(message)
-        self.step = step
-        self.checkpoint_path = checkpoint_path
-
-    def __str__(self) -> str:
-        return str(self.args[0])
 
 
 # --------------------------------------------------------------------------
@@ -360,112 +182,6 @@ def forward_prompts(
         zero = embeddings.sum() * 0.0
         return zero + images.new_zeros((0, 1, low, low)), zero + images.new_zeros((0, 1))
     return torch.cat(all_logits), torch.cat(all_iou)
-
-
-# --------------------------------------------------------------------------
-# Interrupt-safe sections and checkpoints
-# --------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _defer_sigint() -> Iterator[None]:
-    """Delay Ctrl-C until the end of the block (an optimiser step must not be cut in half)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    try:
-        previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
-    except ValueError:  # signals unavailable here (embedded interpreter)
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if received:
-        raise KeyboardInterrupt
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def _save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
-def _fingerprint(dataset: CellTileDataset) -> str:
-    """A hash of the training tiles (image and labels), to refuse resuming on other data."""
-    digest = hashlib.sha256()
-    for image, mask in dataset.tiles:
-        for array in (image, mask):
-            digest.update(str((array.shape, array.dtype.str)).encode())
-            digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def _load_checkpoint(path: Path, settings: TrainSettings, total_steps: int, fingerprint: str) -> dict[str, Any]:
-    if not path.is_file():
-        raise TrainingError(
-            f"cannot resume: no training checkpoint at {path}; start a new training (resume=False) "
-            "or pass the checkpoint_path an interrupted training wrote"
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - report any unreadable file the same way
-        raise TrainingError(f"cannot resume: {path} is not a readable training checkpoint ({exc})") from exc
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        raise TrainingError(f"cannot resume: {path} is not a cellseg1d training checkpoint")
-    if payload.get("version") != _CHECKPOINT_VERSION:
-        raise TrainingError(
-            f"cannot resume from {path}: it was written by another version of the training loop "
-            f"(checkpoint version {payload.get('version')}, this one reads {_CHECKPOINT_VERSION}); start afresh "
-            "with resume=False"
-        )
-    saved = payload.get("settings", {})
-    current = settings.to_dict()
-    different = [
-        f"{name}={saved.get(name)!r} (now {current[name]!r})"
-        for name in _TRAJECTORY_FIELDS
-        if _normalise(saved.get(name)) != _normalise(current[name])
-    ]
-    if different:
-        raise TrainingError(
-            f"cannot resume from {path}: it was written with other settings: {', '.join(different)}; "
-            "resume with the same settings, or start afresh with resume=False"
-        )
-    if payload.get("data") != fingerprint:
-        raise TrainingError(
-            f"cannot resume from {path}: it was written for another training image or mask; "
-            "resume with the same image and mask, or start afresh with resume=False"
-        )
-    if payload["total_steps"] != total_steps:
-        raise TrainingError(
-            f"cannot resume from {path}: it plans {payload['total_steps']} steps, these settings "
-            f"{total_steps} (max_steps or the image differ); use the same image and settings"
-        )
-    return payload
-
-
-def _normalise(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 # --------------------------------------------------------------------------
@@ -549,8 +265,14 @@ class _Progress:
         self._progress = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self._progress = Progress(
             TextColumn("[bold]training[/bold]"), BarColumn(), MofNCompleteColumn(),
@@ -606,7 +328,7 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     scheduler = make_scheduler(optimizer, settings, plan)
     path = Path(checkpoint_path) if checkpoint_path is not None else None
-    fingerprint = _fingerprint(dataset) if path is not None else ""
+    fingerprint = dataset_fingerprint(dataset) if path is not None else ""
     losses: list[float] = []
     mask_losses: list[float] = []
     iou_losses: list[float] = []
@@ -616,7 +338,7 @@ def fit(
     if resume:
         if path is None:
             raise TrainingError("resume=True needs the checkpoint_path of the interrupted training")
-        payload = _load_checkpoint(path, settings, total_steps, fingerprint)
+        payload = load_checkpoint(path, settings, total_steps, fingerprint)
         names = {name for name, p in model.named_parameters() if p.requires_grad}
         if set(payload["trainable"]) != names:
             raise TrainingError(
@@ -629,27 +351,27 @@ def fit(
                     p.copy_(payload["trainable"][name].to(p.device, p.dtype))
         optimizer.load_state_dict(payload["optimizer"])
         scheduler.load_state_dict(payload["scheduler"])
-        _set_rng_state(payload["rng"], device)
+        set_rng_state(payload["rng"], device)
         step = int(payload["step"])
         position = (int(payload["position"][0]), int(payload["position"][1]))
         skipped = int(payload.get("skipped", 0))
         losses, mask_losses, iou_losses = (list(payload["losses"]), list(payload["mask_losses"]),
                                            list(payload["iou_losses"]))
     start_step = step
-    boundary_rng = _rng_state(device)
+    boundary_rng = rng_state(device)
     boundary = (position, skipped)
 
     def checkpoint_payload() -> dict[str, Any]:
         return {
             "format": CHECKPOINT_FORMAT,
-            "version": _CHECKPOINT_VERSION,
+            "version": CHECKPOINT_VERSION,
             "step": step,
             "position": list(boundary[0]),
             "skipped": boundary[1],
             "total_steps": total_steps,
             "data": fingerprint,
             "settings": settings.to_dict(),
-            "trainable": _trainable_state(model),
+            "trainable": trainable_state(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "rng": boundary_rng,
@@ -695,7 +417,7 @@ def fit(
                         continue
                     lr = optimizer.param_groups[0]["lr"]
                     step_loss, step_mask, step_iou = (float(np.mean(v)) for v in zip(*group, strict=True))
-                    with _defer_sigint():
+                    with defer_sigint():
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                         scheduler.step()
@@ -704,7 +426,7 @@ def fit(
                         losses.append(step_loss)
                         mask_losses.append(step_mask)
                         iou_losses.append(step_iou)
-                        boundary_rng = _rng_state(device)
+                        boundary_rng = rng_state(device)
                         boundary = ((epoch + 1, 0) if last else (epoch, batch + 1), skipped)
                     bar.update(step, step_loss)
                     if on_step is not None:
@@ -728,7 +450,7 @@ def fit(
                 f"training interrupted after step {step} of {total_steps}; no checkpoint was saved "
                 "(pass checkpoint_path to make an interrupted training resumable)", step, None
             ) from exc
-        _save_checkpoint(path, checkpoint_payload())
+        save_checkpoint(path, checkpoint_payload())
         raise TrainingInterrupted(
             f"training interrupted after step {step} of {total_steps}; its state is saved in {path}. "
             f"Resume with the same image, base model and settings and resume=True "
@@ -827,88 +549,3 @@ def train_adapter(
     )
     return fit(model, dataset, settings, progress=progress, checkpoint_path=checkpoint_path, resume=resume,
                on_step=on_step)
-
-
-# --------------------------------------------------------------------------
-# Evaluation with point prompts
-# --------------------------------------------------------------------------
-
-
-@dataclass
-class PointPromptScore:
-    """How well a model segments known cells from one point each."""
-
-    #: Mean IoU over the cells (0 for a cell whose prediction is empty).
-    miou: float
-    #: IoU of every cell, in the order of its label value.
-    ious: list[float]
-    #: Label image of the predicted masks (painted largest first, so smaller ones win).
-    labels: np.ndarray
-
-
-@torch.no_grad()
-def point_prompt_score(
-    model: nn.Module,
-    image: np.ndarray,
-    mask: np.ndarray,
-    *,
-    channels: tuple[int, ...] | None = None,
-    device: str | torch.device = "cpu",
-    prompts_per_batch: int = 64,
-) -> PointPromptScore:
-    """Prompt ``model`` with one point per true cell and compare the masks with the cells.
-
-    Each cell's point is its distance-transform maximum (the pixel farthest
-    from its edge). The image is resized to the model's input size (S x S;
-    non-square images are stretched), every prompt predicts one mask (single
-    mask output), and the low-resolution logits are resized to the image and
-    thresholded at 0. A check of training, independent of the automatic
-    (grid) segmentation.
-    """
-    from scipy import ndimage
-
-    from cellseg1d.model.data import augment, to_uint8_rgb
-    from cellseg1d.model.lora import unwrap
-
-    sam = unwrap(model)
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    size = sam.image_encoder.img_size
-    labels = np.asarray(mask)
-    h, w = labels.shape
-    rgb, _ = augment(to_uint8_rgb(image, channels), labels, size, np.random.default_rng(0), None)
-    ids = [int(v) for v in np.unique(labels) if v != 0]
-    boxes = ndimage.find_objects(labels.astype(np.int64)) if ids else []
-    points = []
-    for cell in ids:
-        ys, xs = boxes[cell - 1]
-        distance = ndimage.distance_transform_edt(np.pad(labels[ys, xs] == cell, 1))
-        row, col = np.unravel_index(int(np.argmax(distance)), distance.shape)
-        points.append(((xs.start + col - 1 + 0.5) * size / w - 0.5, (ys.start + row - 1 + 0.5) * size / h - 0.5))
-    image_t = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()[None].to(device)
-    coords = torch.tensor(points, dtype=torch.float32, device=device).reshape(-1, 2)
-    embeddings = sam.image_encoder(sam.preprocess(image_t))
-    dense_pe = sam.prompt_encoder.get_dense_pe()
-    logits_all = []
-    for start in range(0, len(ids), prompts_per_batch):
-        chunk = coords[start : start + prompts_per_batch]
-        sparse, dense = sam.prompt_encoder(
-            points=(chunk[:, None, :], torch.ones(len(chunk), 1, dtype=torch.int64, device=device)),
-            boxes=None, masks=None,
-        )
-        logits, _ = sam.mask_decoder(image_embeddings=embeddings, image_pe=dense_pe, sparse_prompt_embeddings=sparse,
-                                     dense_prompt_embeddings=dense, multimask_output=False)
-        logits_all.append(torch.nn.functional.interpolate(logits.float(), (h, w), mode="bilinear",
-                                                          align_corners=False)[:, 0].cpu())
-    predicted = (torch.cat(logits_all) > 0).numpy() if logits_all else np.zeros((0, h, w), bool)
-    ious = []
-    for cell, pred in zip(ids, predicted, strict=True):
-        truth = labels == cell
-        union = np.count_nonzero(truth | pred)
-        ious.append(float(np.count_nonzero(truth & pred) / union) if union else 0.0)
-    painted = np.zeros((h, w), dtype=np.int32)
-    for k in np.argsort([-p.sum() for p in predicted], kind="stable"):
-        painted[predicted[k]] = k + 1
-    model.train(was_training)
-    return PointPromptScore(miou=float(np.mean(ious)) if ious else 0.0, ious=ious, labels=painted)

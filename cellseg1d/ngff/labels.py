@@ -32,7 +32,7 @@ import numpy as np
 import zarr
 
 from cellseg1d.errors import ImageError
-from cellseg1d.ngff.names import check_output_name
+from cellseg1d.types import check_output_name
 from cellseg1d.ngff.reader import OmeImage, load_json, read_group_attributes
 
 LABEL_DTYPE = np.dtype("uint32")

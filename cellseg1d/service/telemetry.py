@@ -8,7 +8,7 @@ Two kinds of numbers are exported:
 - **catalog metrics** (``cellseg1d_jobs``, ``cellseg1d_queue_depth``,
   ``cellseg1d_images_processed_total``, ``cellseg1d_bad_inputs_total``) are
   read from the catalog at scrape time through
-  :func:`cellseg1d.report.catalog_counts`, the function ``cellseg1d status``
+  :func:`cellseg1d.catalog.report.catalog_counts`, the function ``cellseg1d status``
   uses, so both always agree; on a shared PostgreSQL catalog every daemon
   reports the numbers of all of them;
 - **process metrics** (job durations, adapter switches, GPU memory) count
@@ -45,7 +45,7 @@ from prometheus_client.registry import Collector
 from cellseg1d import PIPELINE_VERSION, __version__
 from cellseg1d.catalog import Catalog
 from cellseg1d.catalog.db import scrub
-from cellseg1d.report import catalog_counts
+from cellseg1d.catalog.report import catalog_counts
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,7 +1,7 @@
 """Time the geojson plugin on a large plane: ``python plugins/cellseg1d-geojson/bench_geojson.py``.
 
 Two 2048 x 2048 label planes with about 2000 cells each: separate elliptic
-cells (``cellseg1d.synthetic.make_cells``) and a dense tiling of touching
+cells (``cellseg1d.testing.synthetic.make_cells``) and a dense tiling of touching
 cells with ragged, noisy borders (every pixel belongs to a cell). For each it
 prints the time of the tracing alone, of the features (tracing, validity
 check, properties) and of writing them as ``cells.geojson``, best of
@@ -22,7 +22,7 @@ from cellseg1d_geojson.outline import trace_outlines
 from scipy import ndimage as ndi
 from scipy.spatial import cKDTree
 
-from cellseg1d.synthetic import make_cells
+from cellseg1d.testing.synthetic import make_cells
 
 
 def dense_cells(size: int, n: int, seed: int = 0) -> np.ndarray:

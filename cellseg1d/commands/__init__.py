@@ -1,1 +1,0 @@
-"""Implementations of the engine commands: ``train``, ``segment``, ``evaluate``, ``models``."""
