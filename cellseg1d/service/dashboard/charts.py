@@ -22,18 +22,24 @@ def _nice_max(value: float) -> float:
     return float(value)
 
 
+def _frame(title: str, width: int, height: int, plot_h: float, top: float) -> list[str]:
+    """The opening of a chart's SVG: its title and three horizontal grid lines labelled 0, top/2 and top."""
+    parts = [f'<svg class="chart" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {height}" '
+             f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>']
+    for frac in (0, 0.5, 1):
+        y = PAD_T + plot_h * (1 - frac)
+        parts.append(f'<line class="grid" x1="{PAD_L}" x2="{width - PAD_R}" y1="{y:.1f}" y2="{y:.1f}"/>'
+                     f'<text class="axis" x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">{top * frac:g}</text>')
+    return parts
+
+
 def bar_chart(bins: Sequence[dict[str, Any]], title: str, label_format: str = "%H:%M") -> Markup:
     """Bars of ``bins`` (``start``, ``count``), oldest left; each bar has a tooltip with its count."""
     n = max(1, len(bins))
     top = _nice_max(max((b["count"] for b in bins), default=0))
     plot_w, plot_h = WIDTH - PAD_L - PAD_R, HEIGHT - PAD_T - PAD_B
     bar_w = plot_w / n
-    parts = [f'<svg class="chart" role="img" aria-label="{escape(title)}" viewBox="0 0 {WIDTH} {HEIGHT}" '
-             f'width="{WIDTH}" height="{HEIGHT}" xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>']
-    for frac in (0, 0.5, 1):
-        y = PAD_T + plot_h * (1 - frac)
-        parts.append(f'<line class="grid" x1="{PAD_L}" x2="{WIDTH - PAD_R}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                     f'<text class="axis" x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">{top * frac:g}</text>')
+    parts = _frame(title, WIDTH, HEIGHT, plot_h, top)
     for i, b in enumerate(bins):
         h = plot_h * b["count"] / top
         x = PAD_L + i * bar_w
@@ -55,12 +61,7 @@ def dot_plot(groups: Sequence[dict[str, Any]], title: str) -> Markup:
     top = _nice_max(max((max(g["points"], default=0) for g in groups), default=0))
     plot_w, plot_h = width - PAD_L - PAD_R, height - PAD_T - PAD_B - 30
     col = plot_w / n
-    parts = [f'<svg class="chart" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {height}" '
-             f'width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg"><title>{escape(title)}</title>']
-    for frac in (0, 0.5, 1):
-        y = PAD_T + plot_h * (1 - frac)
-        parts.append(f'<line class="grid" x1="{PAD_L}" x2="{width - PAD_R}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                     f'<text class="axis" x="{PAD_L - 6}" y="{y + 4:.1f}" text-anchor="end">{top * frac:g}</text>')
+    parts = _frame(title, width, height, plot_h, top)
     for i, g in enumerate(groups):
         cx = PAD_L + col * (i + 0.5)
         for k, value in enumerate(g["points"]):
