@@ -43,12 +43,15 @@ MOVED: dict[str, str] = {
     "cellseg1d.ngff.names": "cellseg1d.types",
 }
 
+#: The old names, longest first (a module below an old package takes the deepest match).
+_LONGEST_FIRST = sorted(MOVED, key=len, reverse=True)
+
 
 def new_name(old: str) -> str | None:
     """The module that ``old`` moved to, or None when it did not move."""
     if old in MOVED:
         return MOVED[old]
-    for prefix in sorted(MOVED, key=len, reverse=True):
+    for prefix in _LONGEST_FIRST:
         if old.startswith(prefix + "."):
             return MOVED[prefix] + old[len(prefix):]
     return None
